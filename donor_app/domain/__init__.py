@@ -1,0 +1,1 @@
+"""The pure core: models and decisions. Standard library only, no I/O, no project imports."""

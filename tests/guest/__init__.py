@@ -1,0 +1,1 @@
+"""The tiny test/demo guest: Debian's cloud kernel plus a busybox initramfs."""
