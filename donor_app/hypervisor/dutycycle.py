@@ -30,6 +30,7 @@ class DutyCycler:
         suspend: Callable[[], None],
         resume: Callable[[], None],
         percent: float,
+        *,
         period_s: float = 0.1,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:

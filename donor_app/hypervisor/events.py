@@ -55,9 +55,7 @@ class _EventLoop:
             if cls.thread is not None:
                 return
             libvirt.virEventRegisterDefaultImpl()
-            cls.thread = threading.Thread(
-                target=cls._run, name="libvirt-events", daemon=True
-            )
+            cls.thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
             cls.thread.start()
 
     @staticmethod

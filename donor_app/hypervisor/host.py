@@ -118,8 +118,9 @@ def prepare_embed_root(uri: str) -> None:
     config = Path(roots[0]) / "etc" / "qemu.conf"
     if not config.exists():
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text('# written by donor_app: no virtlogd for an embedded driver\n'
-                          'stdio_handler = "file"\n')
+        config.write_text(
+            '# written by donor_app: no virtlogd for an embedded driver\nstdio_handler = "file"\n'
+        )
 
 
 class Hypervisor:
@@ -145,6 +146,7 @@ class Hypervisor:
         self._caps: dict[str, float] = {}
         self._duty: dict[str, DutyCycler] = {}
         self._processes: dict[str, process.ProcessRef] = {}
+        self._domains: dict[str, Any] = {}
         self._events: LifecycleEvents | None = None
 
     @classmethod
@@ -187,9 +189,11 @@ class Hypervisor:
 
     @staticmethod
     def guest_name(domain_name: str) -> str | None:
-        return domain_name.removeprefix(DOMAIN_PREFIX) if domain_name.startswith(
-            DOMAIN_PREFIX
-        ) else None
+        return (
+            domain_name.removeprefix(DOMAIN_PREFIX)
+            if domain_name.startswith(DOMAIN_PREFIX)
+            else None
+        )
 
     def guest_dir(self, guest: str) -> Path:
         return self.state_dir / "guests" / guest
@@ -199,20 +203,48 @@ class Hypervisor:
         return self.guest_dir(guest) / "console.log"
 
     def _domain(self, operation: str, guest: str) -> Any:
+        """The guest's virDomain, cached: a lookup per call would sit on the pause path."""
+        with self._lock:
+            dom = self._domains.get(guest)
+        if dom is not None:
+            return dom
         try:
-            return self._conn.lookupByName(self.domain_name(guest))
+            dom = self._conn.lookupByName(self.domain_name(guest))
         except libvirt.libvirtError as exc:
             code = exc.get_error_code()
             if code == libvirt.VIR_ERR_NO_DOMAIN:
                 error = HypervisorError(
-                    operation, guest, "no such guest (never defined here, or already removed)",
+                    operation,
+                    guest,
+                    "no such guest (never defined here, or already removed)",
                     code,
                 )
                 error.not_found = True
                 raise error from exc
             raise HypervisorError(operation, guest, exc.get_error_message(), code) from exc
+        with self._lock:
+            self._domains[guest] = dom
+        return dom
+
+    @contextmanager
+    def _call(self, operation: str, guest: str) -> Iterator[None]:
+        """Like `_libvirt_call`, and forgets a cached domain that libvirt no longer has."""
+        try:
+            with _libvirt_call(operation, guest):
+                yield
+        except HypervisorError as exc:
+            if exc.not_found:
+                self._forget(guest)
+            raise
+
+    def _forget(self, guest: str) -> None:
+        with self._lock:
+            self._domains.pop(guest, None)
+            self._processes.pop(guest, None)
 
     def exists(self, guest: str) -> bool:
+        """Whether libvirt has this guest now (asks libvirt, not the cache)."""
+        self._forget(guest)
         try:
             self._domain("lookup", guest)
         except HypervisorError as exc:
@@ -234,9 +266,7 @@ class Hypervisor:
         try:
             if isinstance(spec.boot, KernelBoot):
                 initrd = (
-                    self.images.path(spec.boot.initrd_sha256)
-                    if spec.boot.initrd_sha256
-                    else None
+                    self.images.path(spec.boot.initrd_sha256) if spec.boot.initrd_sha256 else None
                 )
                 return BootFiles(kernel=self.images.path(spec.boot.kernel_sha256), initrd=initrd)
             assert isinstance(spec.boot, DiskBoot)
@@ -254,8 +284,7 @@ class Hypervisor:
         if qemu_img is None:
             raise HypervisorError("define", guest, "qemu-img not found (Debian: qemu-utils)")
         result = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
-             str(overlay)],
+            [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
             capture_output=True,
             text=True,
             check=False,
@@ -265,6 +294,7 @@ class Hypervisor:
 
     def define(self, spec: VmSpec) -> None:
         """Define (not start) a guest. Nothing is left behind when this raises."""
+        self._forget(spec.name)  # a cached domain of an earlier guest of this name is stale
         if self.exists(spec.name):
             raise HypervisorError("define", spec.name, "a guest with this name already exists")
         guest_dir = self.guest_dir(spec.name)
@@ -281,7 +311,7 @@ class Hypervisor:
             )
             if spec.network:
                 self.ensure_isolated_network()
-            with _libvirt_call("define", spec.name):
+            with self._call("define", spec.name):
                 self._conn.defineXML(xml)
         except BaseException:
             shutil.rmtree(guest_dir, ignore_errors=True)
@@ -299,7 +329,7 @@ class Hypervisor:
     def start(self, guest: str) -> None:
         """Boot a defined guest (or restore it from its managed save, if it has one)."""
         dom = self._domain("start", guest)
-        with _libvirt_call("start", guest):
+        with self._call("start", guest):
             dom.create()
 
     def stop(self, guest: str, timeout_s: float = 10.0) -> None:
@@ -308,7 +338,7 @@ class Hypervisor:
         self._stop_duty(guest)
         if self.state(guest) == GuestState.SHUTOFF:
             return
-        with _libvirt_call("stop", guest):
+        with self._call("stop", guest):
             try:
                 dom.shutdown()
             except libvirt.libvirtError:
@@ -326,14 +356,14 @@ class Hypervisor:
         self._stop_duty(guest)
         if self.state(guest) == GuestState.SHUTOFF:
             return
-        with _libvirt_call("destroy", guest):
+        with self._call("destroy", guest):
             dom.destroy()
 
     def undefine(self, guest: str) -> None:
         """Remove the guest entirely: destroyed if running, its managed save and files too."""
         dom = self._domain("undefine", guest)
         self.destroy(guest)
-        with _libvirt_call("undefine", guest):
+        with self._call("undefine", guest):
             try:
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
             except libvirt.libvirtError as exc:
@@ -342,7 +372,7 @@ class Hypervisor:
                 dom.undefine()
         with self._lock:
             self._caps.pop(guest, None)
-            self._processes.pop(guest, None)
+        self._forget(guest)
         shutil.rmtree(self.guest_dir(guest), ignore_errors=True)
 
     def state(self, guest: str) -> GuestState:
@@ -351,7 +381,7 @@ class Hypervisor:
         with self._lock:
             if guest in self._duty:
                 return GuestState.RUNNING
-        with _libvirt_call("state", guest):
+        with self._call("state", guest):
             code = dom.state()[0]
         return _STATES.get(code, GuestState.OTHER)
 
@@ -361,14 +391,14 @@ class Hypervisor:
         """Pause every vCPU at once; the guest keeps its memory. Idempotent."""
         dom = self._domain("suspend", guest)
         self._stop_duty(guest)
-        with _libvirt_call("suspend", guest):
+        with self._call("suspend", guest):
             if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
                 dom.suspend()
 
     def resume(self, guest: str) -> None:
         """Let a paused guest run again (under its CPU cap, if it has one). Idempotent."""
         dom = self._domain("resume", guest)
-        with _libvirt_call("resume", guest):
+        with self._call("resume", guest):
             if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()
         with self._lock:
@@ -397,7 +427,7 @@ class Hypervisor:
             self.suspend(guest)
             return
         if previous == 0:
-            with _libvirt_call("set_cpu_cap", guest):
+            with self._call("set_cpu_cap", guest):
                 if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     dom.resume()
         if self._cpu_cap_mode != "duty-cycle" and self._set_quota(guest, dom, percent):
@@ -405,7 +435,7 @@ class Hypervisor:
         if percent >= 100:
             self._stop_duty(guest)
         else:
-            with _libvirt_call("set_cpu_cap", guest):
+            with self._call("set_cpu_cap", guest):
                 paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
             with self._lock:
                 cycling = guest in self._duty
@@ -462,7 +492,7 @@ class Hypervisor:
         free (HOST-FACTS.md). `usage().memory_mib` shows where the balloon stands.
         """
         dom = self._domain("set_memory_cap", guest)
-        with _libvirt_call("set_memory_cap", guest):
+        with self._call("set_memory_cap", guest):
             max_kib = int(dom.maxMemory())
         max_mib = max_kib // 1024
         if (
@@ -474,7 +504,7 @@ class Hypervisor:
                 f"memory_mib: {memory_mib!r} is outside the allowed range 64–{max_mib} MiB"
                 f" for guest {guest!r}"
             )
-        with _libvirt_call("set_memory_cap", guest):
+        with self._call("set_memory_cap", guest):
             dom.setMemoryFlags(memory_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     # --- saving state -----------------------------------------------------------------
@@ -484,18 +514,18 @@ class Hypervisor:
         dom = self._domain("save", guest)
         self._stop_duty(guest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _libvirt_call("save", guest):
+        with self._call("save", guest):
             dom.save(str(path))
 
     def restore(self, guest: str, path: Path, *, paused: bool = False) -> None:
         """Bring a guest back from `save()`'s file (refused if the file is another's)."""
-        with _libvirt_call("restore", guest):
+        with self._call("restore", guest):
             xml = self._conn.saveImageGetXMLDesc(str(path), 0)
         expected = f"<name>{self.domain_name(guest)}</name>"
         if expected not in xml:
             raise HypervisorError("restore", guest, f"{path} holds another guest's state")
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0
-        with _libvirt_call("restore", guest):
+        with self._call("restore", guest):
             self._conn.restoreFlags(str(path), None, flags)
         with self._lock:
             cap = self._caps.get(guest, 100.0)
@@ -506,12 +536,12 @@ class Hypervisor:
         """Save the guest where libvirt keeps it; the next `start()` restores it."""
         dom = self._domain("managed_save", guest)
         self._stop_duty(guest)
-        with _libvirt_call("managed_save", guest):
+        with self._call("managed_save", guest):
             dom.managedSave(0)
 
     def has_managed_save(self, guest: str) -> bool:
         dom = self._domain("has_managed_save", guest)
-        with _libvirt_call("has_managed_save", guest):
+        with self._call("has_managed_save", guest):
             return bool(dom.hasManagedSaveImage(0))
 
     # --- usage ------------------------------------------------------------------------
@@ -521,7 +551,7 @@ class Hypervisor:
             ref = self._processes.get(guest)
         if ref is not None and process.still_running(ref):
             return ref
-        with _libvirt_call("usage", guest):
+        with self._call("usage", guest):
             if not dom.isActive():
                 return None
             uuid = dom.UUIDString()
@@ -536,7 +566,7 @@ class Hypervisor:
     def usage(self, guest: str) -> GuestUsage:
         """CPU seconds used so far and memory now (the balloon's current size)."""
         dom = self._domain("usage", guest)
-        with _libvirt_call("usage", guest):
+        with self._call("usage", guest):
             info = dom.info()
             stats: dict[str, int] = dom.memoryStats() if dom.isActive() else {}
         memory_mib = stats.get("actual", info[2]) / 1024

@@ -8,6 +8,7 @@ themselves. A QEMU process is recognised by the domain UUID on its command line
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import psutil
@@ -25,7 +26,7 @@ def find_qemu_process(uuid: str) -> ProcessRef | None:
     """The QEMU process whose command line carries `-uuid <uuid>`, if one runs."""
     for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmdline = proc.info.get("cmdline") or []
-        for flag, value in zip(cmdline, cmdline[1:], strict=False):
+        for flag, value in itertools.pairwise(cmdline):
             if flag == "-uuid" and value == uuid:
                 return ProcessRef(proc.pid, float(proc.info["create_time"]))
     return None

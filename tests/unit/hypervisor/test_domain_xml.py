@@ -1,0 +1,130 @@
+"""Domain XML from a VmSpec: golden files, plus the sandbox's promises checked directly.
+
+Regenerate the golden files after an intended change with
+`DONOR_UPDATE_GOLDEN=1 pytest tests/unit/hypervisor/test_domain_xml.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
+from donor_app.hypervisor.xml import BootFiles, build_domain_xml, build_isolated_network_xml
+
+GOLDEN = Path(__file__).with_name("golden")
+KERNEL_SHA, INITRD_SHA, DISK_SHA = "1" * 64, "2" * 64, "3" * 64
+KERNEL_SPEC = VmSpec(
+    "tiny", 1, 256, KernelBoot(KERNEL_SHA, INITRD_SHA, "console=ttyS0 donor.mode=burn")
+)
+KERNEL_FILES = BootFiles(kernel=Path("/cache/sha256/k"), initrd=Path("/cache/sha256/i"))
+DISK_SPEC = VmSpec("worker-7", 4, 4096, DiskBoot(DISK_SHA), network=True)
+DISK_FILES = BootFiles(disk_overlay=Path("/state/guests/worker-7/disk.qcow2"))
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("DONOR_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs from its golden file"
+
+
+@pytest.mark.parametrize(
+    ("golden", "spec", "files", "virt_type"),
+    [
+        ("kernel_qemu.xml", KERNEL_SPEC, KERNEL_FILES, "qemu"),
+        ("kernel_test.xml", KERNEL_SPEC, KERNEL_FILES, "test"),
+        ("disk_network_kvm.xml", DISK_SPEC, DISK_FILES, "kvm"),
+    ],
+)
+def test_domain_xml_matches_golden_file(
+    golden: str, spec: VmSpec, files: BootFiles, virt_type: str
+):
+    xml = build_domain_xml(
+        spec,
+        domain_name=f"donor-{spec.name}",
+        virt_type=virt_type,
+        files=files,
+        console_log=Path(f"/state/guests/{spec.name}/console.log"),
+    )
+    _check_golden(golden, xml)
+
+
+def test_isolated_network_matches_golden_file():
+    _check_golden("isolated_network.xml", build_isolated_network_xml())
+
+
+def _devices(spec: VmSpec, files: BootFiles) -> ET.Element:
+    xml = build_domain_xml(
+        spec, domain_name="donor-x", virt_type="qemu", files=files, console_log=Path("/c")
+    )
+    devices = ET.fromstring(xml).find("devices")
+    assert devices is not None
+    return devices
+
+
+def test_the_sandbox_has_no_host_devices_graphics_or_shares():
+    for spec, files in ((KERNEL_SPEC, KERNEL_FILES), (DISK_SPEC, DISK_FILES)):
+        devices = _devices(spec, files)
+        for tag in ("graphics", "hostdev", "filesystem", "redirdev", "smartcard", "channel"):
+            assert devices.find(tag) is None, tag
+        assert devices.find("video/model").get("type") == "none"  # type: ignore[union-attr]
+        assert devices.find("controller[@type='usb']").get("model") == "none"  # type: ignore[union-attr]
+
+
+def test_no_network_device_unless_the_spec_asks():
+    assert _devices(KERNEL_SPEC, KERNEL_FILES).find("interface") is None
+    interface = _devices(DISK_SPEC, DISK_FILES).find("interface")
+    assert interface is not None
+    assert interface.find("source").get("network") == "donor-isolated"  # type: ignore[union-attr]
+
+
+def test_the_isolated_network_neither_forwards_nor_gives_the_host_an_address():
+    network = ET.fromstring(build_isolated_network_xml())
+    assert network.find("forward") is None
+    assert network.find("ip") is None
+
+
+def test_text_that_looks_like_xml_stays_text():
+    # cmdline is validated to printable ASCII, which includes < and >: it must be escaped.
+    spec = VmSpec("x", 1, 256, KernelBoot(KERNEL_SHA, None, "a</cmdline><devices><hostdev/>"))
+    xml = build_domain_xml(
+        spec,
+        domain_name="donor-x",
+        virt_type="qemu",
+        files=BootFiles(kernel=Path("/k")),
+        console_log=Path("/c"),
+    )
+    root = ET.fromstring(xml)
+    assert root.findtext("os/cmdline") == "a</cmdline><devices><hostdev/>"
+    assert root.find(".//hostdev") is None
+
+
+def test_unknown_virt_type_and_unresolved_files_are_refused():
+    with pytest.raises(ValueError, match="virt_type: 'xen'"):
+        build_domain_xml(
+            KERNEL_SPEC,
+            domain_name="d",
+            virt_type="xen",
+            files=KERNEL_FILES,
+            console_log=Path("/c"),
+        )
+    with pytest.raises(ValueError, match="boot.kernel_sha256"):
+        build_domain_xml(
+            KERNEL_SPEC,
+            domain_name="d",
+            virt_type="qemu",
+            files=BootFiles(),
+            console_log=Path("/c"),
+        )
+    with pytest.raises(ValueError, match="boot.disk_sha256"):
+        build_domain_xml(
+            DISK_SPEC,
+            domain_name="d",
+            virt_type="qemu",
+            files=BootFiles(),
+            console_log=Path("/c"),
+        )
