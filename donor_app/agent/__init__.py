@@ -1,1 +1,1 @@
-
+"""The headless agent: sensors → policy → hypervisor, local API, history."""

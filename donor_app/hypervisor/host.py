@@ -77,6 +77,14 @@ class GuestUsage:
     pid: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class GuestInfo:
+    """A guest's size as defined: what caps are divided by."""
+
+    vcpus: int
+    max_memory_mib: int
+
+
 @contextmanager
 def _libvirt_call(operation: str, guest: str | None) -> Iterator[None]:
     try:
@@ -384,6 +392,12 @@ class Hypervisor:
         with self._call("state", guest):
             code = dom.state()[0]
         return _STATES.get(code, GuestState.OTHER)
+
+    def info(self, guest: str) -> GuestInfo:
+        dom = self._domain("info", guest)
+        with self._call("info", guest):
+            info = dom.info()
+        return GuestInfo(vcpus=int(info[3]), max_memory_mib=int(info[1]) // 1024)
 
     # --- pause and caps ---------------------------------------------------------------
 

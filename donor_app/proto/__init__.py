@@ -1,1 +1,1 @@
-
+"""Wire types (generated under v1/) and serde.py, the one place that converts them."""

@@ -1,0 +1,43 @@
+"""What the agent shows its clients (the tray, `donor-agent`'s status line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from donor_app.domain.decision import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSnapshot:
+    """One guest now. `cpu_percent` is of one host core over the last interval;
+    `cpu_cap_percent` is of the guest's own vCPUs."""
+
+    name: str
+    state: str
+    cpu_percent: float
+    memory_mib: float
+    cpu_cap_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    at: datetime
+    decision: Decision
+    guests: tuple[GuestSnapshot, ...]
+    snoozed_until: datetime | None = None
+    snoozed_indefinitely: bool = False
+    settings_error: str = ""
+    user_agent: bool = False
+
+    def same_except_time(self, other: AgentStatus | None) -> bool:
+        """True when nothing a client shows differs (ignoring `at` and fresh figures)."""
+        if other is None:
+            return False
+        return (
+            self.decision.same_state(other.decision)
+            and [(g.name, g.state, g.cpu_cap_percent) for g in self.guests]
+            == [(g.name, g.state, g.cpu_cap_percent) for g in other.guests]
+            and (self.snoozed_until, self.snoozed_indefinitely, self.settings_error)
+            == (other.snoozed_until, other.snoozed_indefinitely, other.settings_error)
+        )

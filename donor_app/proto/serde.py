@@ -1,0 +1,122 @@
+"""Proto ↔ domain conversion: the only module that knows both (STYLE.md 10).
+
+Wire types never enter the domain; servicers and clients call these functions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from donor_app.agent.history import HourBucket, Totals
+from donor_app.agent.status import AgentStatus, GuestSnapshot
+from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.proto.v1 import agent_pb2 as pb
+
+_LEVELS = {
+    Level.RUN: pb.LEVEL_RUN,
+    Level.THROTTLED: pb.LEVEL_THROTTLED,
+    Level.PAUSED: pb.LEVEL_PAUSED,
+    Level.EVACUATE: pb.LEVEL_EVACUATE,
+    Level.CHECKPOINT: pb.LEVEL_CHECKPOINT,
+}
+_LEVELS_BACK = {wire: level for level, wire in _LEVELS.items()}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment.astimezone(UTC))
+    return stamp
+
+
+def moment(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def level_to_proto(level: Level) -> pb.Level.ValueType:
+    return _LEVELS[level]
+
+
+def level_from_proto(wire: pb.Level.ValueType) -> Level:
+    try:
+        return _LEVELS_BACK[wire]
+    except KeyError:
+        raise ValueError(f"level: {wire} is not a known level") from None
+
+
+def status_to_proto(status: AgentStatus) -> pb.Status:
+    decision = status.decision
+    message = pb.Status(
+        at=timestamp(status.at),
+        level=level_to_proto(decision.level),
+        cause=decision.cause.value,
+        reason=decision.reason,
+        caps=pb.Caps(cpu_percent=decision.caps.cpu_percent, memory_mib=decision.caps.memory_mib),
+        snoozed_indefinitely=status.snoozed_indefinitely,
+        settings_error=status.settings_error,
+        user_agent=status.user_agent,
+        guests=[
+            pb.GuestStatus(
+                name=g.name,
+                state=g.state,
+                cpu_percent=g.cpu_percent,
+                memory_mib=g.memory_mib,
+                cpu_cap_percent=g.cpu_cap_percent,
+            )
+            for g in status.guests
+        ],
+    )
+    if decision.next_change is not None:
+        message.next_change.CopyFrom(timestamp(decision.next_change))
+    if status.snoozed_until is not None:
+        message.snoozed_until.CopyFrom(timestamp(status.snoozed_until))
+    return message
+
+
+def status_from_proto(message: pb.Status) -> AgentStatus:
+    try:
+        cause = Cause(message.cause)
+    except ValueError:
+        raise ValueError(f"cause: {message.cause!r} is not a known cause") from None
+    decision = Decision(
+        level=level_from_proto(message.level),
+        cause=cause,
+        caps=EffectiveCaps(message.caps.cpu_percent, int(message.caps.memory_mib)),
+        reason=message.reason,
+        next_change=moment(message.next_change) if message.HasField("next_change") else None,
+    )
+    return AgentStatus(
+        at=moment(message.at),
+        decision=decision,
+        guests=tuple(
+            GuestSnapshot(g.name, g.state, g.cpu_percent, g.memory_mib, g.cpu_cap_percent)
+            for g in message.guests
+        ),
+        snoozed_until=moment(message.snoozed_until) if message.HasField("snoozed_until") else None,
+        snoozed_indefinitely=message.snoozed_indefinitely,
+        settings_error=message.settings_error,
+        user_agent=message.user_agent,
+    )
+
+
+def history_to_proto(buckets: list[HourBucket], totals: Totals) -> pb.History:
+    return pb.History(
+        buckets=[
+            pb.HourBucket(
+                hour=timestamp(b.start),
+                cpu_seconds=b.cpu_seconds,
+                memory_gib_hours=b.memory_gib_hours,
+            )
+            for b in buckets
+        ],
+        cpu_hours=totals.cpu_hours,
+        memory_gib_hours=totals.gib_hours,
+    )
+
+
+def history_from_proto(message: pb.History) -> tuple[list[HourBucket], Totals]:
+    buckets = [
+        HourBucket(moment(b.hour), b.cpu_seconds, b.memory_gib_hours) for b in message.buckets
+    ]
+    return buckets, Totals(message.cpu_hours, message.memory_gib_hours)
