@@ -41,3 +41,20 @@ class AgentStatus:
             and (self.snoozed_until, self.snoozed_indefinitely, self.settings_error)
             == (other.snoozed_until, other.snoozed_indefinitely, other.settings_error)
         )
+
+
+def status_line(status: AgentStatus) -> str:
+    """One line for a terminal: what is lent now, why, and until when."""
+    parts = [status.decision.reason]
+    for guest in status.guests:
+        parts.append(
+            f"{guest.name}: {guest.state}, {guest.cpu_percent:.0f} % CPU, "
+            f"{guest.memory_mib:.0f} MiB"
+        )
+    if not status.guests:
+        parts.append("no guests")
+    if status.decision.next_change is not None:
+        parts.append(f"next change {status.decision.next_change.astimezone():%H:%M:%S}")
+    if status.settings_error:
+        parts.append(f"settings error: {status.settings_error}")
+    return " | ".join(parts)

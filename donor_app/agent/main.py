@@ -1,0 +1,149 @@
+"""Putting the agent together: paths, libvirt, sensors, engine, local API, history.
+
+`run_agent()` blocks until `stop` is set (the CLI sets it on SIGTERM/SIGINT), then stops
+cleanly: the guests are left paused (not lost), the socket removed, history flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from donor_app.activity.factory import make_host_sensor, make_idle_counter, make_input_listener
+from donor_app.activity.ports import InputListener
+from donor_app.agent.engine import Engine
+from donor_app.agent.history import History
+from donor_app.agent.local_api import LocalApiServer
+from donor_app.agent.status import AgentStatus
+from donor_app.domain.vm import KernelBoot, VmSpec
+from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.images import ImageCache
+from donor_app.settings.config import SettingsStore
+from donor_app.settings.paths import Paths
+
+log = logging.getLogger(__name__)
+
+DEMO_GUEST = "demo"
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    paths: Paths
+    libvirt_uri: str
+    socket: Path
+    settings_file: Path
+    fleet_file: Path
+    socket_owner_uid: int | None = None
+    watch_input: str = "auto"  # auto: when this process can see a display
+    virt_type: str | None = None
+    demo_kernel: Path | None = None
+    demo_initrd: Path | None = None
+    demo_mode: str = "burn"
+    tick_s: float = 1.0
+    user_agent: bool = False
+
+
+def default_libvirt_uri(paths: Paths) -> str:
+    """qemu:///system where a system libvirtd runs; else an embedded driver (root) or
+    the user's session driver."""
+    if os.geteuid() != 0:
+        return "qemu:///session"
+    if Path("/run/libvirt/libvirt-sock").exists():
+        return "qemu:///system"
+    return f"qemu:///embed?root={paths.data_dir / 'libvirt'}"
+
+
+def ensure_demo_guest(hv: Hypervisor, kernel: Path, initrd: Path, mode: str) -> None:
+    """Define and start the tiny demo guest unless it already exists."""
+    kernel_sha = hv.images.add_file(kernel)
+    initrd_sha = hv.images.add_file(initrd)
+    if not hv.exists(DEMO_GUEST):
+        cmdline = f"console=ttyS0 quiet donor.mode={mode} donor.interval_ms=50"
+        spec = VmSpec(DEMO_GUEST, 1, 256, KernelBoot(kernel_sha, initrd_sha, cmdline))
+        hv.create(spec)
+        log.info("demo guest started; its console: %s", hv.console_path(DEMO_GUEST))
+    elif hv.state(DEMO_GUEST) is GuestState.SHUTOFF and not hv.has_managed_save(DEMO_GUEST):
+        hv.start(DEMO_GUEST)
+
+
+def _input_listener(mode: str) -> InputListener | None:
+    if mode == "off" or (mode == "auto" and not os.environ.get("DISPLAY")):
+        return None
+    return make_input_listener()
+
+
+def _prepare_dirs(paths: Paths) -> None:
+    for directory in (paths.data_dir, paths.cache_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # QEMU runs as the libvirt-qemu user and must reach the images and consoles.
+        for directory in (paths.data_dir, paths.cache_dir):
+            directory.chmod(0o755)
+
+
+def run_agent(
+    options: AgentOptions,
+    stop: threading.Event,
+    on_status: Callable[[AgentStatus], None] | None = None,
+) -> None:
+    """Run until `stop` is set. `on_status` is called on a helper thread per snapshot."""
+    paths = options.paths
+    _prepare_dirs(paths)
+    images = ImageCache(paths.cache_dir / "images")
+    hv = Hypervisor.open(
+        options.libvirt_uri,
+        images=images,
+        state_dir=paths.data_dir / "guests-state",
+        virt_type=options.virt_type,
+    )
+    history = History.open(paths.data_dir / "history.sqlite3")
+    engine: Engine | None = None
+    api: LocalApiServer | None = None
+    try:
+        if options.demo_kernel and options.demo_initrd:
+            ensure_demo_guest(hv, options.demo_kernel, options.demo_initrd, options.demo_mode)
+        engine = Engine(
+            hv,
+            SettingsStore(options.settings_file, options.fleet_file),
+            make_host_sensor(hv.guest_pids),
+            idle_counter=make_idle_counter(),
+            input_listener=_input_listener(options.watch_input),
+            history=history,
+            tick_s=options.tick_s,
+            user_agent=options.user_agent,
+        )
+        engine.start()
+        api = LocalApiServer(engine, history, options.socket, owner_uid=options.socket_owner_uid)
+        api.start()
+        if on_status is not None:
+            _follow(engine, stop, on_status)
+        stop.wait()
+        log.info("stopping: guests are left paused")
+    finally:
+        if api is not None:
+            api.stop()
+        if engine is not None:
+            engine.stop(pause_guests=True)
+        history.close()
+        hv.close()
+
+
+def _follow(
+    engine: Engine, stop: threading.Event, on_status: Callable[[AgentStatus], None]
+) -> None:
+    watcher = engine.watch()
+
+    def loop() -> None:
+        import queue
+
+        while not stop.is_set():
+            try:
+                on_status(watcher.get(timeout=0.5))
+            except queue.Empty:
+                continue
+
+    threading.Thread(target=loop, name="status-line", daemon=True).start()

@@ -1,0 +1,229 @@
+"""The agent through its real local API: engine + real libvirt (test:/// driver) + gRPC.
+
+The real QEMU path (and real input under Xvfb) is in tests/e2e/test_agent_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from donor_app.agent.engine import Engine
+from donor_app.agent.history import History
+from donor_app.agent.local_api import AgentAlreadyRunning, LocalApiServer
+from donor_app.agent.local_client import AgentClient, AgentRefused
+from donor_app.domain.decision import Cause, Level
+from donor_app.domain.readings import HostReading
+from donor_app.domain.vm import KernelBoot, VmSpec
+from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.images import ImageCache
+from donor_app.proto.v1 import agent_pb2 as pb
+from donor_app.proto.v1 import agent_pb2_grpc as pb_grpc
+from donor_app.settings.config import SettingsStore, load_settings
+from tests.waiting import wait_for
+
+
+class QuietHost:
+    """The owner's machine, idle: a stand-in for the psutil sensor (tested on its own)."""
+
+    def read(self) -> HostReading:
+        return HostReading(owner_cpu_percent=1.0, total_memory_mib=16384, cpu_count=4)
+
+
+@dataclass
+class Agent:
+    hv: Hypervisor
+    engine: Engine
+    client: AgentClient
+    socket: Path
+    settings_file: Path
+
+
+@pytest.fixture
+def agent() -> Iterator[Agent]:
+    # A short path: Unix socket paths are limited to 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="da-", dir="/tmp"))
+    node = root / "node.xml"
+    node.write_text("<node/>\n")
+    cache = ImageCache(root / "images")
+    kernel = root / "kernel"
+    kernel.write_bytes(b"test:/// boots nothing")
+    hv = Hypervisor.open(f"test://{node}", images=cache, state_dir=root / "state")
+    hv.create(VmSpec("g1", 1, 256, KernelBoot(cache.add_file(kernel))))
+    settings_file = root / "config" / "settings.toml"
+    settings_file.parent.mkdir()
+    settings_file.write_text("idle_after = 1\n")
+    history = History.open(root / "history.sqlite3")
+    engine = Engine(
+        hv,
+        SettingsStore(settings_file, root / "fleet.toml"),
+        QuietHost(),
+        history=history,
+        tick_s=0.1,
+        status_every_s=0.2,
+    )
+    engine.start()
+    socket = root / "run" / "agent.sock"
+    api = LocalApiServer(engine, history, socket)
+    api.start()
+    client = AgentClient(socket)
+    try:
+        yield Agent(hv, engine, client, socket, settings_file)
+    finally:
+        client.close()
+        api.stop()
+        engine.stop()
+        history.close()
+        hv.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _state(agent: Agent) -> GuestState:
+    return agent.hv.state("g1")
+
+
+def test_status_shows_the_guest_donating_while_idle(agent: Agent):
+    status = wait_for(
+        lambda: (s := agent.client.status()).guests and s, 10, "a status with the guest"
+    )
+    assert status.decision.level is Level.RUN
+    assert status.decision.cause is Cause.IDLE
+    assert [g.name for g in status.guests] == ["g1"]
+    assert status.guests[0].state == "running"
+
+
+def test_reported_input_pauses_at_once_and_idleness_resumes(agent: Agent):
+    wait_for(lambda: agent.engine.level is Level.RUN, 10, "the engine to decide RUN")
+    agent.client.report_activity(datetime.now().astimezone(), events=3)
+    wait_for(lambda: _state(agent) is GuestState.PAUSED, 2, "the guest to be paused")
+    status = agent.client.status()
+    assert status.decision.cause is Cause.OWNER_ACTIVE
+    assert "using this computer" in status.decision.reason
+    # idle_after = 1 s in the settings file: the guest runs again by itself.
+    wait_for(lambda: _state(agent) is GuestState.RUNNING, 10, "the guest to resume")
+
+
+def test_watch_streams_a_new_snapshot_when_the_level_changes(agent: Agent):
+    stream = agent.client.watch()
+    first = next(stream)
+    assert first.decision.level is Level.RUN
+    agent.client.report_activity(datetime.now().astimezone(), events=1)
+    paused = next(s for s in stream if s.decision.level is Level.PAUSED)
+    assert paused.decision.cause is Cause.OWNER_ACTIVE
+
+
+def test_snooze_pauses_until_resume(agent: Agent):
+    until = datetime.now().astimezone() + timedelta(hours=1)
+    status = agent.client.snooze(until)
+    assert status.decision.cause is Cause.SNOOZED
+    assert status.snoozed_until is not None
+    assert abs((status.snoozed_until - until).total_seconds()) < 1
+    assert _state(agent) is GuestState.PAUSED
+    assert load_settings(agent.settings_file).snooze_until is not None  # survives restarts
+    status = agent.client.resume()
+    assert status.decision.cause is not Cause.SNOOZED
+    wait_for(lambda: _state(agent) is GuestState.RUNNING, 5, "the guest to run again")
+
+
+def test_snooze_until_i_resume(agent: Agent):
+    status = agent.client.snooze(None)
+    assert status.snoozed_indefinitely
+    assert status.decision.level is Level.PAUSED
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("idle_after = -5\n", "idle_after"),
+        ("[caps.idle]\ncpu_percent = 150\n", "caps.idle.cpu_percent"),
+        ("colour = 'blue'\n", "colour"),
+        ("idle_after = \n", "not valid TOML"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_key_and_nothing_changes(
+    agent: Agent, toml: str, named: str
+):
+    before = agent.settings_file.read_bytes()
+    stub = pb_grpc.AgentStub(grpc.insecure_channel(f"unix:{agent.socket}"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateSettings(pb.Settings(toml=toml), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in caught.value.details()
+    assert agent.settings_file.read_bytes() == before
+
+
+def test_valid_settings_are_saved_and_applied(agent: Agent):
+    settings, locked = agent.client.settings()
+    assert locked == {}
+    from dataclasses import replace
+
+    saved, _ = agent.client.update_settings(replace(settings, idle_after=timedelta(seconds=42)))
+    assert saved.idle_after == timedelta(seconds=42)
+    assert load_settings(agent.settings_file).idle_after == timedelta(seconds=42)
+
+
+def test_input_reported_from_the_future_is_refused(agent: Agent):
+    with pytest.raises(AgentRefused, match="last_input: .* is in the future"):
+        agent.client.report_activity(datetime.now().astimezone() + timedelta(hours=1), 1)
+
+
+def test_history_is_served_and_its_span_is_checked(agent: Agent):
+    now = datetime.now().astimezone()
+    buckets, totals = agent.client.history(now - timedelta(hours=3), now)
+    assert len(buckets) >= 3
+    assert totals.cpu_hours >= 0
+    with pytest.raises(AgentRefused, match="end: must be after start"):
+        agent.client.history(now, now - timedelta(hours=1))
+
+
+def test_a_corrupt_settings_file_keeps_the_last_good_settings(agent: Agent):
+    agent.settings_file.write_text("idle_after = 'soon'\n")
+    status = wait_for(
+        lambda: (s := agent.client.status()).settings_error and s,
+        15,
+        "the settings error to be reported",
+    )
+    assert "idle_after" in status.settings_error
+    settings, _ = agent.client.settings()
+    assert settings.idle_after == timedelta(seconds=1)  # the last good value
+
+
+def test_the_socket_is_private_and_a_second_agent_is_refused(agent: Agent):
+    assert agent.socket.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(AgentAlreadyRunning):
+        LocalApiServer(agent.engine, None, agent.socket).start()
+    assert agent.client.status().guests  # the first agent still serves
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_call_the_agent(agent: Agent):
+    nobody = pwd.getpwnam("nobody")
+    agent.socket.parent.chmod(0o755)  # even with the directory open, the socket refuses
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({str(agent.socket)!r})\n"
+        "except PermissionError:\n"
+        "    sys.exit(13)\n"
+        "sys.exit(0)\n"
+    )
+    result = subprocess.run(
+        # The venv lives under /root, which nobody cannot read: use the system Python.
+        ["/usr/bin/python3", "-c", code],
+        user=nobody.pw_uid,
+        group=nobody.pw_gid,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 13, "user nobody could connect to the agent's socket"
