@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from donor_app.activity.factory import make_host_sensor, make_idle_counter, make_input_listener
 from donor_app.activity.ports import InputListener
 from donor_app.agent.engine import Engine
-from donor_app.agent.history import History
+from donor_app.agent.history import History, HistoryError
 from donor_app.agent.local_api import LocalApiServer
 from donor_app.agent.status import AgentStatus
 from donor_app.domain.vm import KernelBoot, VmSpec
@@ -100,7 +101,11 @@ def run_agent(
         state_dir=paths.data_dir / "guests-state",
         virt_type=options.virt_type,
     )
-    history = History.open(paths.data_dir / "history.sqlite3")
+    try:
+        history = History.open(paths.data_dir / "history.sqlite3")
+    except HistoryError as exc:
+        log.error("%s; keeping history in memory until the agent restarts", exc)
+        history = History.in_memory()
     engine: Engine | None = None
     api: LocalApiServer | None = None
     try:
@@ -138,8 +143,6 @@ def _follow(
     watcher = engine.watch()
 
     def loop() -> None:
-        import queue
-
         while not stop.is_set():
             try:
                 on_status(watcher.get(timeout=0.5))
