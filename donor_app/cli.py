@@ -86,6 +86,8 @@ def _agent_options(args: argparse.Namespace) -> AgentOptions:
         virt_type=args.virt_type,
         demo_kernel=args.demo_kernel,
         demo_initrd=args.demo_initrd,
+        demo_guests=args.demo_guests,
+        demo_mode=args.demo_mode,
         user_agent=args.user_agent,
     )
 

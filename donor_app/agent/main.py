@@ -44,6 +44,7 @@ class AgentOptions:
     demo_kernel: Path | None = None
     demo_initrd: Path | None = None
     demo_mode: str = "burn"
+    demo_guests: int = 1
     tick_s: float = 1.0
     user_agent: bool = False
 
@@ -58,17 +59,19 @@ def default_libvirt_uri(paths: Paths) -> str:
     return f"qemu:///embed?root={paths.data_dir / 'libvirt'}"
 
 
-def ensure_demo_guest(hv: Hypervisor, kernel: Path, initrd: Path, mode: str) -> None:
-    """Define and start the tiny demo guest unless it already exists."""
+def ensure_demo_guest(
+    hv: Hypervisor, kernel: Path, initrd: Path, mode: str, name: str = DEMO_GUEST
+) -> None:
+    """Define and start a tiny demo guest unless it already exists."""
     kernel_sha = hv.images.add_file(kernel)
     initrd_sha = hv.images.add_file(initrd)
-    if not hv.exists(DEMO_GUEST):
+    if not hv.exists(name):
         cmdline = f"console=ttyS0 quiet donor.mode={mode} donor.interval_ms=50"
-        spec = VmSpec(DEMO_GUEST, 1, 256, KernelBoot(kernel_sha, initrd_sha, cmdline))
+        spec = VmSpec(name, 1, 256, KernelBoot(kernel_sha, initrd_sha, cmdline))
         hv.create(spec)
-        log.info("demo guest started; its console: %s", hv.console_path(DEMO_GUEST))
-    elif hv.state(DEMO_GUEST) is GuestState.SHUTOFF and not hv.has_managed_save(DEMO_GUEST):
-        hv.start(DEMO_GUEST)
+        log.info("demo guest %s started; its console: %s", name, hv.console_path(name))
+    elif hv.state(name) is GuestState.SHUTOFF and not hv.has_managed_save(name):
+        hv.start(name)
 
 
 def _input_listener(mode: str) -> InputListener | None:
@@ -110,7 +113,11 @@ def run_agent(
     api: LocalApiServer | None = None
     try:
         if options.demo_kernel and options.demo_initrd:
-            ensure_demo_guest(hv, options.demo_kernel, options.demo_initrd, options.demo_mode)
+            for number in range(1, options.demo_guests + 1):
+                name = DEMO_GUEST if number == 1 else f"{DEMO_GUEST}-{number}"
+                ensure_demo_guest(
+                    hv, options.demo_kernel, options.demo_initrd, options.demo_mode, name
+                )
         engine = Engine(
             hv,
             SettingsStore(options.settings_file, options.fleet_file),
