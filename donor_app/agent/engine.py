@@ -34,7 +34,7 @@ from donor_app.agent.actuator import Actuator, Guests
 from donor_app.agent.status import AgentStatus, GuestSnapshot
 from donor_app.domain.decision import Decision, Level
 from donor_app.domain.fleet import FleetPolicy
-from donor_app.domain.policy import Since, decide, track
+from donor_app.domain.policy import SNOOZE_UNTIL_RESUMED, Since, decide, track
 from donor_app.domain.readings import ActivityReading, HostReading
 from donor_app.domain.settings import Settings
 from donor_app.hypervisor.errors import HypervisorError
@@ -340,9 +340,7 @@ class Engine:
             decision=self._decision,
             guests=self._snapshots,
             snoozed_until=snooze if snoozed else None,
-            snoozed_indefinitely=snoozed
-            and snooze is not None
-            and snooze - now > SNOOZE_FOREVER / 2,
+            snoozed_indefinitely=bool(snooze and snoozed and snooze - now > SNOOZE_UNTIL_RESUMED),
             settings_error="; ".join(str(e) for e in errors),
             user_agent=self._user_agent,
         )

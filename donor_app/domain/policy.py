@@ -43,6 +43,9 @@ from donor_app.domain.settings import (
     Weekday,
 )
 
+SNOOZE_UNTIL_RESUMED = timedelta(days=365 * 50)
+"""A snooze longer than this is "until I resume" (the tray sets one of a century)."""
+
 HEAT_HYSTERESIS_C = 5.0
 """Once paused for heat, resume only below `max_temperature_c` minus this."""
 
@@ -192,6 +195,8 @@ def _pause(
     if not settings.enabled:
         return Cause.DISABLED, "Paused — donating is switched off"
     if settings.snooze_until is not None and now < settings.snooze_until:
+        if settings.snooze_until - now > SNOOZE_UNTIL_RESUMED:
+            return Cause.SNOOZED, "Paused until you resume donating"
         return Cause.SNOOZED, f"Snoozed until {_when(settings.snooze_until, now)}"
     blackout = find(fleet.blackout, now)
     if blackout is not None:

@@ -139,6 +139,7 @@ def test_snooze_until_i_resume(agent: Agent):
     status = agent.client.snooze(None)
     assert status.snoozed_indefinitely
     assert status.decision.level is Level.PAUSED
+    assert status.decision.reason == "Paused until you resume donating"
 
 
 @pytest.mark.parametrize(
