@@ -57,6 +57,20 @@ def _agent_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo-kernel", type=Path, help="run the tiny demo guest: its kernel")
     parser.add_argument("--demo-initrd", type=Path, help="and its initrd")
     parser.add_argument(
+        "--demo-guests",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="N",
+        help="how many demo guests (1-8)",
+    )
+    parser.add_argument(
+        "--demo-mode",
+        choices=("burn", "sleep"),
+        default="burn",
+        help="demo guests burn CPU (default) or sleep",
+    )
+    parser.add_argument(
         "--status-line", action="store_true", help="print a live status line on stdout"
     )
     parser.add_argument("--user-agent", action="store_true", help=argparse.SUPPRESS)
