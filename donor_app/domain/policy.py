@@ -250,7 +250,10 @@ def _next_change(now: datetime, current: Decision, world: _World, since: Since) 
     the next window has the same caps and wording is not a change.
     """
     settings = world.settings
-    horizon = max(now, settings.snooze_until or now) + _HORIZON
+    # Calendar moments (midnights, window edges) only within the horizon: timers such as
+    # a snooze's end are yielded whatever their distance, so a long snooze costs one step
+    # instead of a walk through every midnight until it ends.
+    horizon = now + _HORIZON
     at, state = now, since
     for _ in range(_MAX_STEPS):
         later = [moment for moment in _moments(at, world, state, horizon) if moment > at]
