@@ -452,24 +452,9 @@ def test_daylight_saving_days_always_look_ahead() -> None:
 
 
 def test_snooze_until_resumed_has_its_own_reason_and_ends_only_at_its_end():
-    from dataclasses import replace as _replace
-    from datetime import datetime as _dt
-    from datetime import timedelta as _td
-
-    from donor_app.domain.decision import Cause as _Cause
-    from donor_app.domain.fleet import FleetPolicy as _Fleet
-    from donor_app.domain.policy import Since as _Since
-    from donor_app.domain.policy import decide as _decide
-    from donor_app.domain.policy import track as _track
-    from donor_app.domain.readings import ActivityReading as _Activity
-    from donor_app.domain.readings import HostReading as _Host
-    from donor_app.domain.settings import Settings as _Settings
-
-    now = _dt(2026, 11, 21, 12, 0).astimezone()
-    settings = _replace(_Settings(), snooze_until=now + _td(days=36500))
-    host, activity = _Host(1.0, 16384, 4), _Activity(None)
-    since = _track(_Since(), now, settings, activity, host)
-    decision = _decide(now, settings, _Fleet(), activity, host, since)
-    assert decision.cause is _Cause.SNOOZED
+    settings = replace(Settings(), snooze_until=NOW + timedelta(days=36500))
+    since = track(Since(), NOW, settings, IDLE, HOST)
+    decision = decide(NOW, settings, FleetPolicy(), IDLE, HOST, since)
+    assert decision.cause is Cause.SNOOZED
     assert decision.reason == "Paused until you resume donating"
     assert decision.next_change == settings.snooze_until
