@@ -298,3 +298,27 @@ def test_a_guest_that_fails_to_start_is_not_left_defined(qemu_backend: Backend):
         backend.hv.create(spec)
     assert not backend.hv.exists(spec.name)
     assert not backend.hv.guest_dir(spec.name).exists()
+
+
+def test_a_disk_guest_writes_only_to_its_private_overlay(backend: Backend, tmp_path: Path):
+    import subprocess
+
+    from donor_app.domain.vm import DiskBoot
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    sha = backend.hv.images.add_file(base)
+    cached = backend.hv.images.path(sha)
+    spec = VmSpec("disk-guest", 1, 256, DiskBoot(sha))
+    backend.hv.create(spec)
+    try:
+        assert backend.hv.state("disk-guest") is GuestState.RUNNING
+        overlay = backend.hv.guest_dir("disk-guest") / "disk.qcow2"
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", str(overlay)], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"backing file: {cached}" in info
+    finally:
+        backend.hv.undefine("disk-guest")
+    assert backend.hv.images.path(sha) == cached  # the shared base is untouched (hash holds)
+    assert not overlay.exists()
