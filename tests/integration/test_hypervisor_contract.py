@@ -322,3 +322,22 @@ def test_a_disk_guest_writes_only_to_its_private_overlay(backend: Backend, tmp_p
         backend.hv.undefine("disk-guest")
     assert backend.hv.images.path(sha) == cached  # the shared base is untouched (hash holds)
     assert not overlay.exists()
+
+
+def test_guests_start_while_a_grpc_server_runs_in_the_same_process(
+    make_qemu_guest: Callable[..., str], qemu_backend: Backend
+):
+    # The agent serves gRPC and runs libvirt's embedded driver in one process; gRPC's
+    # fork handlers used to abort libvirt's forked children (see donor_app/__init__.py).
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        guest = make_qemu_guest()
+        assert qemu_backend.hv.state(guest) is GuestState.RUNNING
+    finally:
+        server.stop(None)
