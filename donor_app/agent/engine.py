@@ -28,7 +28,6 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
-from donor_app.activity.merge import merge
 from donor_app.activity.ports import HostSensor, IdleCounter, InputListener
 from donor_app.agent.actuator import Actuator, Guests
 from donor_app.agent.status import AgentStatus, GuestSnapshot
@@ -262,9 +261,8 @@ class Engine:
         candidates = [self._idle_input]
         events = 0
         if self._listener is not None:
-            merged = merge(self._listener, _NoIdleCounter(), now)
-            candidates.append(merged.last_input)
-            events = merged.input_events
+            candidates.append(self._listener.last_input())
+            events = self._listener.event_count()
         with self._lock:
             candidates.append(self._reported_input)
             events += self._reported_events

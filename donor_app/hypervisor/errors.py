@@ -28,3 +28,8 @@ class ImageError(HypervisorError):
     def __init__(self, sha256: str, detail: str, guest: str | None = None) -> None:
         super().__init__("image", guest, f"{sha256}: {detail}")
         self.sha256 = sha256
+        self.reason = detail
+
+    def for_guest(self, guest: str) -> ImageError:
+        """The same error, naming the guest whose image it is."""
+        return ImageError(self.sha256, self.reason, guest)

@@ -280,7 +280,7 @@ class Hypervisor:
             assert isinstance(spec.boot, DiskBoot)
             base = self.images.path(spec.boot.disk_sha256)
         except ImageError as exc:
-            raise ImageError(exc.sha256, exc.detail.split(": ", 1)[-1], spec.name) from exc
+            raise exc.for_guest(spec.name) from exc
         overlay = self.guest_dir(spec.name) / "disk.qcow2"
         self._create_overlay(spec.name, base, overlay)
         return BootFiles(disk_overlay=overlay)

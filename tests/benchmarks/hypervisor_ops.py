@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.images import ImageCache
+from tests.benchmarks.stats import p50_p99
 from tests.guests import (
     add_tiny_guest,
     console_ticks,
@@ -39,17 +39,8 @@ REPEATS = 50
 GUEST = "bench"
 
 
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
-
-
 def summary_ms(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(statistics.median(samples) * 1000, 3),
-        "p99": round(percentile(samples, 99) * 1000, 3),
-    }
+    return p50_p99(samples, scale=1000, digits=3)
 
 
 def timed(call: Callable[[], None]) -> float:

@@ -36,6 +36,7 @@ from donor_app.hypervisor.events import LifecycleEvent
 from donor_app.hypervisor.host import GuestState, Hypervisor
 from donor_app.hypervisor.images import ImageCache
 from donor_app.settings.config import SettingsStore
+from tests.benchmarks.stats import p50_p99
 from tests.guests import add_tiny_guest, console_ticks, qemu_uri, shared_tmp_dir, tiny_guest_spec
 from tests.waiting import wait_for
 from tests.xvfb import running_xvfb
@@ -48,18 +49,6 @@ class QuietHost:
 
     def read(self) -> HostReading:
         return HostReading(owner_cpu_percent=1.0, total_memory_mib=16384, cpu_count=2)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(statistics.median(samples), 2),
-        "p99": round(percentile(samples, 99), 2),
-    }
 
 
 def measure(
@@ -141,8 +130,8 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "reclaim_ms": summary(ours),
-        "polling_baseline_ms": summary(polling),
+        "reclaim_ms": p50_p99(ours),
+        "polling_baseline_ms": p50_p99(polling),
         "ratio_p50": round(statistics.median(polling) / statistics.median(ours), 1),
         "events": args.events,
         "cores": os.cpu_count(),
