@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64onor_app/proto/v1/agent.proto\x12\x08\x64onor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x04\x43\x61ps\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"l\n\x0bGuestStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x01\x12\x17\n\x0f\x63pu_cap_percent\x18\x05 \x01(\x01\"\xe2\x02\n\x06Status\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x05level\x18\x02 \x01(\x0e\x32\x0f.donor.v1.Level\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1c\n\x04\x63\x61ps\x18\x05 \x01(\x0b\x32\x0e.donor.v1.Caps\x12/\n\x0bnext_change\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rsnoozed_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14snoozed_indefinitely\x18\x08 \x01(\x08\x12%\n\x06guests\x18\t \x03(\x0b\x32\x15.donor.v1.GuestStatus\x12\x16\n\x0esettings_error\x18\n \x01(\t\x12\x12\n\nuser_agent\x18\x0b \x01(\x08\"\x14\n\x12WatchStatusRequest\"P\n\x0e\x41\x63tivityReport\x12.\n\nlast_input\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65vents\x18\x02 \x01(\r\"-\n\x0b\x41\x63tivityAck\x12\x1e\n\x05level\x18\x01 \x01(\x0e\x32\x0f.donor.v1.Level\"\x14\n\x12GetSettingsRequest\"w\n\x08Settings\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12.\n\x06locked\x18\x02 \x03(\x0b\x32\x1e.donor.v1.Settings.LockedEntry\x1a-\n\x0bLockedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\rSnoozeRequest\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cindefinitely\x18\x02 \x01(\x08\"\x0f\n\rResumeRequest\"d\n\x0eHistoryRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\nHourBucket\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x03 \x01(\x01\"]\n\x07History\x12%\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x14.donor.v1.HourBucket\x12\x11\n\tcpu_hours\x18\x02 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x03 \x01(\x01*~\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\r\n\tLEVEL_RUN\x10\x01\x12\x13\n\x0fLEVEL_THROTTLED\x10\x02\x12\x10\n\x0cLEVEL_PAUSED\x10\x03\x12\x12\n\x0eLEVEL_EVACUATE\x10\x04\x12\x14\n\x10LEVEL_CHECKPOINT\x10\x05\x32\xab\x03\n\x05\x41gent\x12?\n\x0bWatchStatus\x12\x1c.donor.v1.WatchStatusRequest\x1a\x10.donor.v1.Status0\x01\x12\x41\n\x0eReportActivity\x12\x18.donor.v1.ActivityReport\x1a\x15.donor.v1.ActivityAck\x12?\n\x0bGetSettings\x12\x1c.donor.v1.GetSettingsRequest\x1a\x12.donor.v1.Settings\x12\x38\n\x0eUpdateSettings\x12\x12.donor.v1.Settings\x1a\x12.donor.v1.Settings\x12\x33\n\x06Snooze\x12\x17.donor.v1.SnoozeRequest\x1a\x10.donor.v1.Status\x12\x33\n\x06Resume\x12\x17.donor.v1.ResumeRequest\x1a\x10.donor.v1.Status\x12\x39\n\nGetHistory\x12\x18.donor.v1.HistoryRequest\x1a\x11.donor.v1.Historyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64onor_app/proto/v1/agent.proto\x12\x08\x64onor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x04\x43\x61ps\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"l\n\x0bGuestStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\x01\x12\x17\n\x0f\x63pu_cap_percent\x18\x05 \x01(\x01\"\x92\x03\n\x06Status\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x05level\x18\x02 \x01(\x0e\x32\x0f.donor.v1.Level\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1c\n\x04\x63\x61ps\x18\x05 \x01(\x0b\x32\x0e.donor.v1.Caps\x12/\n\x0bnext_change\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rsnoozed_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14snoozed_indefinitely\x18\x08 \x01(\x08\x12%\n\x06guests\x18\t \x03(\x0b\x32\x15.donor.v1.GuestStatus\x12\x16\n\x0esettings_error\x18\n \x01(\t\x12\x12\n\nuser_agent\x18\x0b \x01(\x08\x12.\n\x0b\x63oordinator\x18\x0c \x01(\x0b\x32\x19.donor.v1.CoordinatorLink\"S\n\x0f\x43oordinatorLink\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x64onor_id\x18\x04 \x01(\t\"\x14\n\x12WatchStatusRequest\"P\n\x0e\x41\x63tivityReport\x12.\n\nlast_input\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65vents\x18\x02 \x01(\r\"-\n\x0b\x41\x63tivityAck\x12\x1e\n\x05level\x18\x01 \x01(\x0e\x32\x0f.donor.v1.Level\"\x14\n\x12GetSettingsRequest\"w\n\x08Settings\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12.\n\x06locked\x18\x02 \x03(\x0b\x32\x1e.donor.v1.Settings.LockedEntry\x1a-\n\x0bLockedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\rSnoozeRequest\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cindefinitely\x18\x02 \x01(\x08\"\x0f\n\rResumeRequest\"d\n\x0eHistoryRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\nHourBucket\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x03 \x01(\x01\"]\n\x07History\x12%\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x14.donor.v1.HourBucket\x12\x11\n\tcpu_hours\x18\x02 \x01(\x01\x12\x18\n\x10memory_gib_hours\x18\x03 \x01(\x01*~\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\r\n\tLEVEL_RUN\x10\x01\x12\x13\n\x0fLEVEL_THROTTLED\x10\x02\x12\x10\n\x0cLEVEL_PAUSED\x10\x03\x12\x12\n\x0eLEVEL_EVACUATE\x10\x04\x12\x14\n\x10LEVEL_CHECKPOINT\x10\x05\x32\xab\x03\n\x05\x41gent\x12?\n\x0bWatchStatus\x12\x1c.donor.v1.WatchStatusRequest\x1a\x10.donor.v1.Status0\x01\x12\x41\n\x0eReportActivity\x12\x18.donor.v1.ActivityReport\x1a\x15.donor.v1.ActivityAck\x12?\n\x0bGetSettings\x12\x1c.donor.v1.GetSettingsRequest\x1a\x12.donor.v1.Settings\x12\x38\n\x0eUpdateSettings\x12\x12.donor.v1.Settings\x1a\x12.donor.v1.Settings\x12\x33\n\x06Snooze\x12\x17.donor.v1.SnoozeRequest\x1a\x10.donor.v1.Status\x12\x33\n\x06Resume\x12\x17.donor.v1.ResumeRequest\x1a\x10.donor.v1.Status\x12\x39\n\nGetHistory\x12\x18.donor.v1.HistoryRequest\x1a\x11.donor.v1.Historyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SETTINGS_LOCKEDENTRY']._loaded_options = None
   _globals['_SETTINGS_LOCKEDENTRY']._serialized_options = b'8\001'
-  _globals['_LEVEL']._serialized_start=1286
-  _globals['_LEVEL']._serialized_end=1412
+  _globals['_LEVEL']._serialized_start=1419
+  _globals['_LEVEL']._serialized_end=1545
   _globals['_CAPS']._serialized_start=77
   _globals['_CAPS']._serialized_end=124
   _globals['_GUESTSTATUS']._serialized_start=126
   _globals['_GUESTSTATUS']._serialized_end=234
   _globals['_STATUS']._serialized_start=237
-  _globals['_STATUS']._serialized_end=591
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=593
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=613
-  _globals['_ACTIVITYREPORT']._serialized_start=615
-  _globals['_ACTIVITYREPORT']._serialized_end=695
-  _globals['_ACTIVITYACK']._serialized_start=697
-  _globals['_ACTIVITYACK']._serialized_end=742
-  _globals['_GETSETTINGSREQUEST']._serialized_start=744
-  _globals['_GETSETTINGSREQUEST']._serialized_end=764
-  _globals['_SETTINGS']._serialized_start=766
-  _globals['_SETTINGS']._serialized_end=885
-  _globals['_SETTINGS_LOCKEDENTRY']._serialized_start=840
-  _globals['_SETTINGS_LOCKEDENTRY']._serialized_end=885
-  _globals['_SNOOZEREQUEST']._serialized_start=887
-  _globals['_SNOOZEREQUEST']._serialized_end=967
-  _globals['_RESUMEREQUEST']._serialized_start=969
-  _globals['_RESUMEREQUEST']._serialized_end=984
-  _globals['_HISTORYREQUEST']._serialized_start=986
-  _globals['_HISTORYREQUEST']._serialized_end=1086
-  _globals['_HOURBUCKET']._serialized_start=1088
-  _globals['_HOURBUCKET']._serialized_end=1189
-  _globals['_HISTORY']._serialized_start=1191
-  _globals['_HISTORY']._serialized_end=1284
-  _globals['_AGENT']._serialized_start=1415
-  _globals['_AGENT']._serialized_end=1842
+  _globals['_STATUS']._serialized_end=639
+  _globals['_COORDINATORLINK']._serialized_start=641
+  _globals['_COORDINATORLINK']._serialized_end=724
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=726
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=746
+  _globals['_ACTIVITYREPORT']._serialized_start=748
+  _globals['_ACTIVITYREPORT']._serialized_end=828
+  _globals['_ACTIVITYACK']._serialized_start=830
+  _globals['_ACTIVITYACK']._serialized_end=875
+  _globals['_GETSETTINGSREQUEST']._serialized_start=877
+  _globals['_GETSETTINGSREQUEST']._serialized_end=897
+  _globals['_SETTINGS']._serialized_start=899
+  _globals['_SETTINGS']._serialized_end=1018
+  _globals['_SETTINGS_LOCKEDENTRY']._serialized_start=973
+  _globals['_SETTINGS_LOCKEDENTRY']._serialized_end=1018
+  _globals['_SNOOZEREQUEST']._serialized_start=1020
+  _globals['_SNOOZEREQUEST']._serialized_end=1100
+  _globals['_RESUMEREQUEST']._serialized_start=1102
+  _globals['_RESUMEREQUEST']._serialized_end=1117
+  _globals['_HISTORYREQUEST']._serialized_start=1119
+  _globals['_HISTORYREQUEST']._serialized_end=1219
+  _globals['_HOURBUCKET']._serialized_start=1221
+  _globals['_HOURBUCKET']._serialized_end=1322
+  _globals['_HISTORY']._serialized_start=1324
+  _globals['_HISTORY']._serialized_end=1417
+  _globals['_AGENT']._serialized_start=1548
+  _globals['_AGENT']._serialized_end=1975
 # @@protoc_insertion_point(module_scope)

@@ -128,6 +128,7 @@ class Status(_message.Message):
     GUESTS_FIELD_NUMBER: _builtins.int
     SETTINGS_ERROR_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
     level: Global___Level.ValueType
     cause: _builtins.str
     """machine-readable: owner_active, battery, heat, schedule, ..."""
@@ -152,6 +153,8 @@ class Status(_message.Message):
 
     @_builtins.property
     def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestStatus]: ...
+    @_builtins.property
+    def coordinator(self) -> Global___CoordinatorLink: ...
     def __init__(
         self,
         *,
@@ -166,14 +169,49 @@ class Status(_message.Message):
         guests: _abc.Iterable[Global___GuestStatus] | None = ...,
         settings_error: _builtins.str = ...,
         user_agent: _builtins.bool = ...,
+        coordinator: Global___CoordinatorLink | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "next_change", b"next_change", "snoozed_until", b"snoozed_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "coordinator", b"coordinator", "next_change", b"next_change", "snoozed_until", b"snoozed_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "cause", b"cause", "guests", b"guests", "level", b"level", "next_change", b"next_change", "reason", b"reason", "settings_error", b"settings_error", "snoozed_indefinitely", b"snoozed_indefinitely", "snoozed_until", b"snoozed_until", "user_agent", b"user_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "cause", b"cause", "coordinator", b"coordinator", "guests", b"guests", "level", b"level", "next_change", b"next_change", "reason", b"reason", "settings_error", b"settings_error", "snoozed_indefinitely", b"snoozed_indefinitely", "snoozed_until", b"snoozed_until", "user_agent", b"user_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class CoordinatorLink(_message.Message):
+    """The agent's link to the fleet's coordinator, for the tray's settings and About."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    DONOR_ID_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """empty: no coordinator configured (donating locally only)"""
+    state: _builtins.str
+    """not_configured, enrolling, connected, disconnected, refused (revoked, bad token)"""
+    detail: _builtins.str
+    """for people: why disconnected or refused"""
+    donor_id: _builtins.str
+    """set once enrolled"""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        state: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        donor_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "donor_id", b"donor_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinatorLink: _TypeAlias = CoordinatorLink  # noqa: Y015
 
 @_typing.final
 class WatchStatusRequest(_message.Message):
