@@ -18,6 +18,7 @@ from donor_app.agent.local_api import AgentAlreadyRunning
 from donor_app.agent.main import AgentOptions, default_libvirt_uri, run_agent
 from donor_app.agent.status import AgentStatus, status_line
 from donor_app.hypervisor.errors import HypervisorError
+from donor_app.settings.config import ConfigError, LinkConfig, parse_link_config
 from donor_app.settings.paths import Paths, default_paths, system_paths
 
 log = logging.getLogger("donor_app")
@@ -73,6 +74,14 @@ def _agent_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--status-line", action="store_true", help="print a live status line on stdout"
     )
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="join this coordinator (default: the fleet file's [coordinator] table)",
+    )
+    parser.add_argument("--coordinator-ca", type=Path, help="the coordinator's CA certificate")
+    parser.add_argument("--enroll-address", metavar="HOST:PORT", help="default: HOST:7444")
+    parser.add_argument("--enroll-token", help="enrollment token (used once)")
     parser.add_argument("--user-agent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -80,7 +89,24 @@ def _agent_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _link_config(args: argparse.Namespace) -> LinkConfig | None:
+    """From --coordinator & co.; None without --coordinator. ConfigError names the flag."""
+    if not args.coordinator:
+        return None
+    flags = Path("command line")
+    data: dict[str, object] = {"address": args.coordinator}
+    if args.coordinator_ca is None:
+        raise ConfigError(flags, "--coordinator-ca", "is required with --coordinator")
+    data["ca_file"] = str(args.coordinator_ca)
+    if args.enroll_address:
+        data["enroll_address"] = args.enroll_address
+    if args.enroll_token:
+        data["token"] = args.enroll_token
+    return parse_link_config({"coordinator": data}, flags)
+
+
 def _agent_options(args: argparse.Namespace) -> AgentOptions:
+    link_config = _link_config(args)
     base: Paths = system_paths() if os.geteuid() == 0 else default_paths()
     paths = Paths(
         config_dir=args.config.parent if args.config else base.config_dir,
@@ -103,6 +129,7 @@ def _agent_options(args: argparse.Namespace) -> AgentOptions:
         demo_guests=args.demo_guests,
         demo_mode=args.demo_mode,
         user_agent=args.user_agent,
+        link_config=link_config,
     )
 
 
@@ -131,7 +158,11 @@ def agent_main(argv: list[str] | None = None) -> int:
     if bool(args.demo_kernel) != bool(args.demo_initrd):
         log.error("--demo-kernel and --demo-initrd go together")
         return EXIT_USAGE
-    options = _agent_options(args)
+    try:
+        options = _agent_options(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 
 from donor_app.activity.ports import HostSensor, IdleCounter, InputListener
 from donor_app.agent.actuator import Actuator, Guests
-from donor_app.agent.status import AgentStatus, GuestSnapshot
+from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Decision, Level
 from donor_app.domain.fleet import FleetPolicy
 from donor_app.domain.policy import SNOOZE_UNTIL_RESUMED, Since, decide, track
@@ -116,6 +116,10 @@ class Engine:
         self._reported_events = 0
         self._status: AgentStatus | None = None
         self._watchers: list[queue.Queue[AgentStatus]] = []
+        self._link = LinkStatus()
+        # Guests the coordinator link holds back whatever the policy says (their lease
+        # lapsed: this donor can no longer prove it owns them).
+        self._held: frozenset[str] = frozenset()
 
         # Engine-thread state.
         self._since = Since()
@@ -173,6 +177,24 @@ class Engine:
         self._commands.put(run)
         self._wake.set()
         return future.result(timeout)
+
+    def set_link_status(self, link: LinkStatus) -> None:
+        """The coordinator link's state changed (its thread); clients see it at once."""
+        with self._lock:
+            changed = link != self._link
+            self._link = link
+        if changed:
+            self._commands.put(self._republish)
+            self._wake.set()
+
+    def hold_paused(self, names: frozenset[str]) -> None:
+        """Keep these guests paused whatever the policy says, until called without them."""
+        with self._lock:
+            changed = names != self._held
+            self._held = names
+        if changed:
+            self._commands.put(lambda: self._decide_and_apply(full=False, force=True))
+            self._wake.set()
 
     def status(self) -> AgentStatus | None:
         with self._lock:
@@ -292,10 +314,19 @@ class Engine:
         self._decision = decision
         reconcile = full and mono - self._last_apply >= RECONCILE_S
         if changed or force or reconcile:
-            self._actuator.apply(decision, self._names, self._host.cpu_count)
+            with self._lock:
+                held = self._held
+            free = [name for name in self._names if name not in held]
+            self._actuator.apply(decision, free, self._host.cpu_count)
+            if held:
+                self._actuator.pause_all([name for name in self._names if name in held])
             self._last_apply = mono
             if changed:
                 self._publish(force=True)
+
+    def _republish(self) -> None:
+        if self._decision is not None:
+            self._publish(force=True)
 
     def _measure_and_publish(self) -> None:
         now = self._clock()
@@ -343,6 +374,7 @@ class Engine:
             user_agent=self._user_agent,
         )
         with self._lock:
+            status = replace(status, coordinator=self._link)
             previous = self._status
             if not force and status.same_except_time(previous):
                 return previous if previous is not None else status

@@ -18,13 +18,16 @@ from donor_app.activity.factory import make_host_sensor, make_idle_counter, make
 from donor_app.activity.ports import InputListener
 from donor_app.agent.engine import Engine
 from donor_app.agent.history import History, HistoryError
+from donor_app.agent.link.connection import CoordinatorLink
+from donor_app.agent.link.workloads import FleetWorkloads
 from donor_app.agent.local_api import LocalApiServer
 from donor_app.agent.status import AgentStatus
 from donor_app.domain.vm import KernelBoot, VmSpec
 from donor_app.hypervisor.host import GuestState, Hypervisor
 from donor_app.hypervisor.images import ImageCache
-from donor_app.settings.config import SettingsStore
+from donor_app.settings.config import ConfigError, LinkConfig, SettingsStore, load_link_config
 from donor_app.settings.paths import Paths
+from donor_app.settings.secrets import CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class AgentOptions:
     demo_guests: int = 1
     tick_s: float = 1.0
     user_agent: bool = False
+    # The coordinator to join; None: read the fleet file's [coordinator] table.
+    link_config: LinkConfig | None = None
 
 
 def default_libvirt_uri(paths: Paths) -> str:
@@ -111,6 +116,7 @@ def run_agent(
         history = History.in_memory()
     engine: Engine | None = None
     api: LocalApiServer | None = None
+    coordinator: CoordinatorLink | None = None
     try:
         if options.demo_kernel and options.demo_initrd:
             for number in range(1, options.demo_guests + 1):
@@ -131,17 +137,49 @@ def run_agent(
         engine.start()
         api = LocalApiServer(engine, history, options.socket, owner_uid=options.socket_owner_uid)
         api.start()
+        coordinator = _start_link(options, hv, engine)
         if on_status is not None:
             _follow(engine, stop, on_status)
         stop.wait()
         log.info("stopping: guests are left paused")
     finally:
+        if coordinator is not None:
+            coordinator.stop()
         if api is not None:
             api.stop()
         if engine is not None:
             engine.stop(pause_guests=True)
         history.close()
         hv.close()
+
+
+def _link_config(options: AgentOptions) -> LinkConfig | None:
+    if options.link_config is not None:
+        return options.link_config
+    try:
+        return load_link_config(options.fleet_file)
+    except ConfigError as error:
+        # The owner stays protected; only the fleet link is off until the file is fixed.
+        log.error("%s; not joining a coordinator", error)
+        return None
+
+
+def _start_link(options: AgentOptions, hv: Hypervisor, engine: Engine) -> CoordinatorLink | None:
+    config = _link_config(options)
+    if config is None:
+        log.info("no coordinator configured: donating to local guests only")
+        return None
+    workloads = FleetWorkloads(hv, options.paths.data_dir / "fleet-workloads.json", engine.call)
+    link = CoordinatorLink(
+        config,
+        CredentialStore(options.paths.data_dir),
+        workloads,
+        status=engine.status,
+        set_link_status=engine.set_link_status,
+        hold_paused=engine.hold_paused,
+    )
+    link.start()
+    return link
 
 
 def _follow(

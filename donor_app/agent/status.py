@@ -21,6 +21,20 @@ class GuestSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """The agent's link to the fleet's coordinator.
+
+    `state`: not_configured (donating locally only), enrolling, connected,
+    disconnected (retrying), refused (revoked or a bad token: needs the admin).
+    """
+
+    address: str = ""
+    state: str = "not_configured"
+    detail: str = ""
+    donor_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentStatus:
     at: datetime
     decision: Decision
@@ -29,6 +43,7 @@ class AgentStatus:
     snoozed_indefinitely: bool = False
     settings_error: str = ""
     user_agent: bool = False
+    coordinator: LinkStatus = LinkStatus()
 
     def same_except_time(self, other: AgentStatus | None) -> bool:
         """True when nothing a client shows differs (ignoring `at` and fresh figures)."""
@@ -40,6 +55,7 @@ class AgentStatus:
             == [(g.name, g.state, g.cpu_cap_percent) for g in other.guests]
             and (self.snoozed_until, self.snoozed_indefinitely, self.settings_error)
             == (other.snoozed_until, other.snoozed_indefinitely, other.settings_error)
+            and self.coordinator == other.coordinator
         )
 
 

@@ -11,7 +11,22 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
+from donor_app.domain.link import Capacity
 from donor_app.domain.vm import VmSpec
+
+__all__ = [
+    "HELD_STATES",
+    "Capacity",
+    "DonorRecord",
+    "DonorSeen",
+    "IdleSample",
+    "ImageRecord",
+    "LeaseRenewal",
+    "TokenRecord",
+    "WorkloadEvent",
+    "WorkloadRecord",
+    "WorkloadState",
+]
 
 
 class WorkloadState(enum.StrEnum):
@@ -38,19 +53,6 @@ HELD_STATES = frozenset(
     }
 )
 FINAL_STATES = frozenset({WorkloadState.CANCELLED, WorkloadState.FAILED})
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """A donor's hardware and what its owner's policy lets it lend now."""
-
-    cores: int
-    memory_mib: int
-    arch: str
-    lend_cpu_percent: float = 0.0  # of the whole host
-    lend_memory_mib: int = 0
-    lend_until: datetime | None = None  # None: no end expected
-    idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,3 +92,9 @@ class VmSpec:
             raise ValueError(f"network: {self.network!r} must be true or false")
         if self.arch not in ARCHES:
             raise ValueError(f"arch: {self.arch!r} is not one of {', '.join(ARCHES)}")
+
+    def images(self) -> tuple[str, ...]:
+        """The sha256 of every image the guest boots from."""
+        if isinstance(self.boot, KernelBoot):
+            return tuple(s for s in (self.boot.kernel_sha256, self.boot.initrd_sha256) if s)
+        return (self.boot.disk_sha256,)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from donor_app.agent.history import HourBucket, Totals
-from donor_app.agent.status import AgentStatus, GuestSnapshot
+from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
 from donor_app.proto.v1 import agent_pb2 as pb
 
@@ -56,6 +56,12 @@ def status_to_proto(status: AgentStatus) -> pb.Status:
         snoozed_indefinitely=status.snoozed_indefinitely,
         settings_error=status.settings_error,
         user_agent=status.user_agent,
+        coordinator=pb.CoordinatorLink(
+            address=status.coordinator.address,
+            state=status.coordinator.state,
+            detail=status.coordinator.detail,
+            donor_id=status.coordinator.donor_id,
+        ),
         guests=[
             pb.GuestStatus(
                 name=g.name,
@@ -97,6 +103,12 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
         snoozed_indefinitely=message.snoozed_indefinitely,
         settings_error=message.settings_error,
         user_agent=message.user_agent,
+        coordinator=LinkStatus(
+            address=message.coordinator.address,
+            state=message.coordinator.state or "not_configured",
+            detail=message.coordinator.detail,
+            donor_id=message.coordinator.donor_id,
+        ),
     )
 
 

@@ -57,6 +57,11 @@ The administrator's ``fleet.toml`` (in the site config dir, e.g. /etc/xdg/donor_
     start = "01:00"
     end = "03:00"
 
+    [coordinator]               # optional: join a fleet (see load_link_config)
+    address = "coordinator.example.org:7443"
+    ca_file = "/etc/donor_app/coordinator-ca.pem"
+    token_file = "/etc/donor_app/enroll-token"   # removed after enrolling
+
 A missing file means the defaults (no bounds for the fleet). A key that is unknown, of
 the wrong type or out of range raises `ConfigError` naming the file, the dotted key
 ("schedule[1].caps.idle.cpu_percent") and what is allowed. `SettingsStore` keeps the
@@ -72,6 +77,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -167,6 +173,7 @@ def parse_fleet(data: Mapping[str, object], file: Path) -> FleetPolicy:
     blackout = tuple(_blackout(entry) for entry in root.tables("blackout"))
     may_disable = root.boolean("owner_may_disable", _DEFAULT_FLEET.owner_may_disable)
     reason = root.string("reason", _DEFAULT_FLEET.reason)
+    root.table("coordinator")  # read by `load_link_config`; checked there
     root.done()
     return _validated(
         file,
@@ -642,3 +649,73 @@ def _fail_closed(error: ConfigError) -> FleetPolicy:
         max_memory_mib=0,
         reason=f"the fleet policy {error.file} is invalid; ask your administrator",
     )
+
+
+# --- the coordinator link (the fleet file's [coordinator] table) ---------------------------
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+DEFAULT_ENROLL_PORT = 7444
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """Where the coordinator is and how to join it.
+
+    `address`: the main port (mTLS). `enroll_address`: the enrollment port (default: the
+    same host, port 7444). `ca_pem`: the coordinator's CA certificate, to verify it.
+    `token`: the enrollment token, when this donor has not enrolled yet; `token_file`
+    (if the token came from one) is removed after a successful enrollment.
+    """
+
+    address: str
+    enroll_address: str
+    ca_pem: bytes
+    token: str | None = None
+    token_file: Path | None = None
+
+
+def _host_port(table: _Table, name: str, value: str) -> str:
+    match = _HOST_PORT.fullmatch(value)
+    if match is None or not 0 < int(match.group(2)) <= 65535:
+        raise table.error(name, f'must be "host:port", got {_shown(value)}')
+    return value
+
+
+def parse_link_config(data: Mapping[str, object], file: Path) -> LinkConfig | None:
+    """The [coordinator] table of a fleet file, None without one. Files it names
+    (ca_file, token_file) are read now; a missing one is a ConfigError naming the key."""
+    table = _Table(file, data).table("coordinator")
+    if table is None:
+        return None
+    address = _host_port(table, "address", table.string("address", ""))
+    host = address.rsplit(":", 1)[0]
+    enroll = table.string("enroll_address", f"{host}:{DEFAULT_ENROLL_PORT}")
+    enroll = _host_port(table, "enroll_address", enroll)
+    ca_pem_text = table.string("ca_pem", "")
+    ca_file = table.string("ca_file", "")
+    token = table.string("token", "") or None
+    token_file_name = table.string("token_file", "")
+    table.done()
+    if bool(ca_pem_text) == bool(ca_file):
+        raise table.error("ca_file", "give either ca_file or ca_pem (the coordinator's CA)")
+    ca_pem = ca_pem_text.encode()
+    if ca_file:
+        try:
+            ca_pem = Path(ca_file).read_bytes()
+        except OSError as error:
+            raise table.error("ca_file", f"cannot read {ca_file}: {error.strerror}") from None
+    if b"BEGIN CERTIFICATE" not in ca_pem:
+        raise table.error("ca_file" if ca_file else "ca_pem", "is not a PEM certificate")
+    token_file = Path(token_file_name) if token_file_name else None
+    if token is None and token_file is not None and token_file.exists():
+        try:
+            token = token_file.read_text().strip() or None
+        except OSError as error:
+            raise table.error("token_file", f"cannot read it: {error.strerror}") from None
+    return LinkConfig(address, enroll, ca_pem, token, token_file)
+
+
+def load_link_config(file: Path) -> LinkConfig | None:
+    """The coordinator link from a fleet file (None: no file, or no [coordinator])."""
+    data = _read_toml(file)
+    return None if data is None else parse_link_config(data, file)

@@ -1,0 +1,417 @@
+"""coordinator.proto ↔ domain: the only module that knows both for the coordinator link.
+
+Everything coming off the wire is validated here; a bad field raises `WireError` whose
+message starts with the field's path ("hello.capacity.cores: ..."), which the servicer
+returns as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+
+from donor_app.coordinator.model import DonorRecord, WorkloadRecord, WorkloadState
+from donor_app.domain import link
+from donor_app.domain.vm import ARCHES, DiskBoot, KernelBoot, VmSpec
+from donor_app.proto.serde import moment, timestamp
+from donor_app.proto.v1 import coordinator_pb2 as pb
+
+MAX_CORES = 4096
+MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
+MAX_PRIORITY = 1_000_000
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class WireError(ValueError):
+    """A message field is invalid; the text names the field."""
+
+
+def _text(path: str, value: str, limit: int = link.MAX_TEXT) -> str:
+    if len(value) > limit:
+        raise WireError(f"{path}: longer than {limit} characters")
+    return value
+
+
+def _identifier(path: str, value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise WireError(
+            f"{path}: {value[:80]!r} is not an identifier (1–128 of A–Z a–z 0–9 _ . : -)"
+        )
+    return value
+
+
+def _optional_time(message: object, name: str) -> datetime | None:
+    if message.HasField(name):  # type: ignore[attr-defined]
+        return moment(getattr(message, name))
+    return None
+
+
+# --- capacity ----------------------------------------------------------------------------
+
+
+def capacity_to_proto(capacity: link.Capacity) -> pb.Capacity:
+    message = pb.Capacity(
+        cores=capacity.cores,
+        memory_mib=capacity.memory_mib,
+        arch=capacity.arch,
+        lend_cpu_percent=capacity.lend_cpu_percent,
+        lend_memory_mib=capacity.lend_memory_mib,
+        idle=capacity.idle,
+    )
+    if capacity.lend_until is not None:
+        message.lend_until.CopyFrom(timestamp(capacity.lend_until))
+    return message
+
+
+def capacity_from_proto(message: pb.Capacity, path: str = "capacity") -> link.Capacity:
+    if not 1 <= message.cores <= MAX_CORES:
+        raise WireError(f"{path}.cores: {message.cores} is outside 1–{MAX_CORES}")
+    if not 1 <= message.memory_mib <= MAX_MEMORY_MIB:
+        raise WireError(f"{path}.memory_mib: {message.memory_mib} is outside 1–{MAX_MEMORY_MIB}")
+    if message.arch not in ARCHES:
+        raise WireError(f"{path}.arch: {message.arch[:40]!r} is not one of {', '.join(ARCHES)}")
+    if not 0.0 <= message.lend_cpu_percent <= 100.0:
+        raise WireError(f"{path}.lend_cpu_percent: {message.lend_cpu_percent} is outside 0–100")
+    if message.lend_memory_mib > message.memory_mib:
+        raise WireError(
+            f"{path}.lend_memory_mib: {message.lend_memory_mib} is more than the donor's"
+            f" {message.memory_mib} MiB"
+        )
+    return link.Capacity(
+        cores=message.cores,
+        memory_mib=message.memory_mib,
+        arch=message.arch,
+        lend_cpu_percent=message.lend_cpu_percent,
+        lend_memory_mib=message.lend_memory_mib,
+        lend_until=_optional_time(message, "lend_until"),
+        idle=message.idle,
+    )
+
+
+# --- guests --------------------------------------------------------------------------------
+
+_GUEST_STATES = {
+    link.GuestState.STARTING: pb.GUEST_STATE_STARTING,
+    link.GuestState.RUNNING: pb.GUEST_STATE_RUNNING,
+    link.GuestState.PAUSED: pb.GUEST_STATE_PAUSED,
+    link.GuestState.CHECKPOINTED: pb.GUEST_STATE_CHECKPOINTED,
+    link.GuestState.STOPPED: pb.GUEST_STATE_STOPPED,
+    link.GuestState.FAILED: pb.GUEST_STATE_FAILED,
+}
+_GUEST_STATES_BACK = {wire: state for state, wire in _GUEST_STATES.items()}
+
+
+def guest_to_proto(guest: link.GuestReport) -> pb.GuestReport:
+    return pb.GuestReport(
+        workload_id=guest.workload_id,
+        epoch=guest.epoch,
+        state=_GUEST_STATES[guest.state],
+        detail=guest.detail[: link.MAX_TEXT],
+    )
+
+
+def guests_from_proto(
+    messages: Sequence[pb.GuestReport], path: str
+) -> tuple[link.GuestReport, ...]:
+    if len(messages) > link.MAX_GUESTS_PER_REPORT:
+        raise WireError(f"{path}: more than {link.MAX_GUESTS_PER_REPORT} guests")
+    guests = []
+    seen: set[str] = set()
+    for index, message in enumerate(messages):
+        where = f"{path}[{index}]"
+        workload_id = _identifier(f"{where}.workload_id", message.workload_id)
+        if workload_id in seen:
+            raise WireError(f"{where}.workload_id: {workload_id} is reported twice")
+        seen.add(workload_id)
+        state = _GUEST_STATES_BACK.get(message.state)
+        if state is None:
+            raise WireError(f"{where}.state: {message.state} is not a known guest state")
+        guests.append(
+            link.GuestReport(
+                workload_id=workload_id,
+                epoch=message.epoch,
+                state=state,
+                detail=_text(f"{where}.detail", message.detail),
+            )
+        )
+    return tuple(guests)
+
+
+# --- donor events --------------------------------------------------------------------------
+
+
+def event_to_proto(event: link.DonorEvent) -> pb.DonorEvent:
+    message = event.message
+    wire = pb.DonorEvent(seq=event.seq)
+    if isinstance(message, link.Hello):
+        wire.hello.CopyFrom(
+            pb.Hello(
+                agent_version=message.agent_version,
+                capacity=capacity_to_proto(message.capacity),
+                guests=[guest_to_proto(g) for g in message.guests],
+            )
+        )
+    elif isinstance(message, link.Report):
+        wire.report.CopyFrom(
+            pb.Report(
+                capacity=capacity_to_proto(message.capacity),
+                guests=[guest_to_proto(g) for g in message.guests],
+                level=message.level,
+            )
+        )
+    elif isinstance(message, link.Reclaim):
+        wire.reclaim.CopyFrom(
+            pb.ReclaimRequest(workload_ids=list(message.workload_ids), reason=message.reason)
+        )
+    else:
+        wire.result.CopyFrom(
+            pb.CommandResult(
+                command_seq=message.command_seq, ok=message.ok, error=message.error[: link.MAX_TEXT]
+            )
+        )
+    return wire
+
+
+def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
+    kind = wire.WhichOneof("kind")
+    message: link.DonorMessage
+    if kind == "hello":
+        hello = wire.hello
+        if not hello.HasField("capacity"):
+            raise WireError("hello.capacity: missing")
+        message = link.Hello(
+            agent_version=_text("hello.agent_version", hello.agent_version, 64),
+            capacity=capacity_from_proto(hello.capacity, "hello.capacity"),
+            guests=guests_from_proto(hello.guests, "hello.guests"),
+        )
+    elif kind == "report":
+        report = wire.report
+        if not report.HasField("capacity"):
+            raise WireError("report.capacity: missing")
+        message = link.Report(
+            capacity=capacity_from_proto(report.capacity, "report.capacity"),
+            guests=guests_from_proto(report.guests, "report.guests"),
+            level=_text("report.level", report.level, 32),
+        )
+    elif kind == "reclaim":
+        reclaim = wire.reclaim
+        if len(reclaim.workload_ids) > link.MAX_GUESTS_PER_REPORT:
+            raise WireError(f"reclaim.workload_ids: more than {link.MAX_GUESTS_PER_REPORT}")
+        message = link.Reclaim(
+            workload_ids=tuple(
+                _identifier(f"reclaim.workload_ids[{i}]", w)
+                for i, w in enumerate(reclaim.workload_ids)
+            ),
+            reason=_text("reclaim.reason", reclaim.reason, 64),
+        )
+    elif kind == "result":
+        message = link.CommandResult(
+            command_seq=wire.result.command_seq,
+            ok=wire.result.ok,
+            error=_text("result.error", wire.result.error),
+        )
+    else:
+        raise WireError("kind: the event carries none of hello, report, reclaim, result")
+    return link.DonorEvent(seq=wire.seq, message=message)
+
+
+# --- workload specs ----------------------------------------------------------------------
+
+
+def spec_to_proto(spec: VmSpec, priority: int = 0) -> pb.WorkloadSpec:
+    message = pb.WorkloadSpec(
+        name=spec.name,
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        arch=spec.arch,
+        priority=priority,
+        network=spec.network,
+    )
+    if isinstance(spec.boot, KernelBoot):
+        message.kernel.CopyFrom(
+            pb.KernelBoot(
+                kernel_sha256=spec.boot.kernel_sha256,
+                initrd_sha256=spec.boot.initrd_sha256 or "",
+                cmdline=spec.boot.cmdline,
+            )
+        )
+    else:
+        message.disk.CopyFrom(pb.DiskBoot(disk_sha256=spec.boot.disk_sha256))
+    return message
+
+
+def spec_from_proto(message: pb.WorkloadSpec, path: str = "spec") -> tuple[VmSpec, int]:
+    """(VmSpec, priority). Raises WireError naming the field."""
+    boot: KernelBoot | DiskBoot
+    try:
+        kind = message.WhichOneof("boot")
+        if kind == "kernel":
+            boot = KernelBoot(
+                kernel_sha256=message.kernel.kernel_sha256,
+                initrd_sha256=message.kernel.initrd_sha256 or None,
+                cmdline=message.kernel.cmdline or "console=ttyS0",
+            )
+        elif kind == "disk":
+            boot = DiskBoot(disk_sha256=message.disk.disk_sha256)
+        else:
+            raise ValueError("boot: give a kernel or a disk")
+        spec = VmSpec(
+            name=message.name,
+            vcpus=message.vcpus,
+            memory_mib=message.memory_mib,
+            boot=boot,
+            network=message.network,
+            arch=message.arch or "x86_64",
+        )
+    except ValueError as error:
+        raise WireError(f"{path}.{error}") from None
+    if not -MAX_PRIORITY <= message.priority <= MAX_PRIORITY:
+        raise WireError(f"{path}.priority: {message.priority} is outside ±{MAX_PRIORITY}")
+    return spec, message.priority
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def command_to_proto(command: link.Command) -> pb.Command:
+    message = command.message
+    wire = pb.Command(seq=command.seq)
+    if isinstance(message, link.Ack):
+        wire.ack.CopyFrom(
+            pb.Ack(event_seq=message.event_seq, lease_until=timestamp(message.lease_until))
+        )
+    elif isinstance(message, link.Welcome):
+        wire.welcome.CopyFrom(
+            pb.Welcome(
+                donor_id=message.donor_id,
+                lease_ttl_s=message.lease_ttl_s,
+                report_interval_s=message.report_interval_s,
+            )
+        )
+    elif isinstance(message, link.RunWorkload):
+        wire.run.CopyFrom(
+            pb.RunWorkload(
+                workload_id=message.workload_id,
+                epoch=message.epoch,
+                spec=spec_to_proto(message.spec, message.priority),
+            )
+        )
+    elif isinstance(message, link.StopWorkload):
+        wire.stop.CopyFrom(
+            pb.StopWorkload(
+                workload_id=message.workload_id, epoch=message.epoch, reason=message.reason
+            )
+        )
+    elif isinstance(message, link.Evacuate):
+        wire.evacuate.CopyFrom(
+            pb.Evacuate(
+                workload_id=message.workload_id,
+                epoch=message.epoch,
+                target_donor_id=message.target_donor_id,
+            )
+        )
+    else:
+        wire.checkpoint.CopyFrom(
+            pb.Checkpoint(workload_id=message.workload_id, epoch=message.epoch)
+        )
+    return wire
+
+
+def command_from_proto(wire: pb.Command) -> link.Command:
+    kind = wire.WhichOneof("kind")
+    message: link.CoordinatorMessage
+    if kind == "ack":
+        message = link.Ack(event_seq=wire.ack.event_seq, lease_until=moment(wire.ack.lease_until))
+    elif kind == "welcome":
+        message = link.Welcome(
+            donor_id=_identifier("welcome.donor_id", wire.welcome.donor_id),
+            lease_ttl_s=wire.welcome.lease_ttl_s,
+            report_interval_s=wire.welcome.report_interval_s,
+        )
+    elif kind == "run":
+        spec, priority = spec_from_proto(wire.run.spec, "run.spec")
+        message = link.RunWorkload(
+            workload_id=_identifier("run.workload_id", wire.run.workload_id),
+            epoch=wire.run.epoch,
+            spec=spec,
+            priority=priority,
+        )
+    elif kind == "stop":
+        message = link.StopWorkload(
+            workload_id=_identifier("stop.workload_id", wire.stop.workload_id),
+            epoch=wire.stop.epoch,
+            reason=_text("stop.reason", wire.stop.reason),
+        )
+    elif kind == "evacuate":
+        message = link.Evacuate(
+            workload_id=_identifier("evacuate.workload_id", wire.evacuate.workload_id),
+            epoch=wire.evacuate.epoch,
+            target_donor_id=_identifier("evacuate.target_donor_id", wire.evacuate.target_donor_id),
+        )
+    elif kind == "checkpoint":
+        message = link.Checkpoint(
+            workload_id=_identifier("checkpoint.workload_id", wire.checkpoint.workload_id),
+            epoch=wire.checkpoint.epoch,
+        )
+    else:
+        raise WireError("kind: the command carries nothing known")
+    return link.Command(seq=wire.seq, message=message)
+
+
+# --- admin views ---------------------------------------------------------------------------
+
+_WORKLOAD_STATES = {
+    WorkloadState.QUEUED: pb.WORKLOAD_STATE_QUEUED,
+    WorkloadState.ASSIGNED: pb.WORKLOAD_STATE_ASSIGNED,
+    WorkloadState.RUNNING: pb.WORKLOAD_STATE_RUNNING,
+    WorkloadState.PAUSED: pb.WORKLOAD_STATE_PAUSED,
+    WorkloadState.EVACUATING: pb.WORKLOAD_STATE_EVACUATING,
+    WorkloadState.CHECKPOINTED: pb.WORKLOAD_STATE_CHECKPOINTED,
+    WorkloadState.CANCELLED: pb.WORKLOAD_STATE_CANCELLED,
+    WorkloadState.FAILED: pb.WORKLOAD_STATE_FAILED,
+}
+_WORKLOAD_STATES_BACK = {wire: state for state, wire in _WORKLOAD_STATES.items()}
+
+
+def workload_state_from_proto(wire: pb.WorkloadState.ValueType) -> WorkloadState:
+    try:
+        return _WORKLOAD_STATES_BACK[wire]
+    except KeyError:
+        raise WireError(f"state: {wire} is not a known workload state") from None
+
+
+def workload_to_proto(record: WorkloadRecord) -> pb.Workload:
+    message = pb.Workload(
+        id=record.workload_id,
+        spec=spec_to_proto(record.spec, record.priority),
+        state=_WORKLOAD_STATES[record.state],
+        donor_id=record.donor_id or "",
+        epoch=record.epoch,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        detail=record.detail,
+    )
+    if record.lease_until is not None:
+        message.lease_until.CopyFrom(timestamp(record.lease_until))
+    return message
+
+
+def donor_to_proto(
+    record: DonorRecord, *, connected: bool, workload_ids: Sequence[str]
+) -> pb.Donor:
+    message = pb.Donor(
+        id=record.donor_id,
+        hostname=record.hostname,
+        connected=connected,
+        drained=record.drained,
+        revoked=record.revoked,
+        lost=record.lost,
+        enrolled_at=timestamp(record.enrolled_at),
+        workload_ids=list(workload_ids),
+    )
+    if record.capacity is not None:
+        message.capacity.CopyFrom(capacity_to_proto(record.capacity))
+    if record.last_seen is not None:
+        message.last_seen.CopyFrom(timestamp(record.last_seen))
+    return message
