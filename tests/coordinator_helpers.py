@@ -85,7 +85,9 @@ def running_coordinator(
         loop.close()
 
 
-def enroll(coordinator: RunningCoordinator, token: str, hostname: str = "test-host") -> DonorCredentials:
+def enroll(
+    coordinator: RunningCoordinator, token: str, hostname: str = "test-host"
+) -> DonorCredentials:
     key_pem, csr_pem = new_key_and_csr()
     with grpc.secure_channel(
         coordinator.endpoints.enroll_address, grpc.ssl_channel_credentials(coordinator.ca_pem)
@@ -94,7 +96,11 @@ def enroll(coordinator: RunningCoordinator, token: str, hostname: str = "test-ho
             pb.EnrollRequest(token=token, csr_pem=csr_pem, hostname=hostname), timeout=10
         )
     return DonorCredentials(
-        reply.donor_id, key_pem, reply.certificate_pem, reply.ca_certificate_pem, moment(reply.not_after)
+        reply.donor_id,
+        key_pem,
+        reply.certificate_pem,
+        reply.ca_certificate_pem,
+        moment(reply.not_after),
     )
 
 
@@ -107,7 +113,12 @@ def donor_channel(address: str, creds: DonorCredentials) -> grpc.Channel:
 
 def capacity(cpu: float = 100.0, memory_mib: int = 4096, idle: bool = True) -> link.Capacity:
     return link.Capacity(
-        cores=4, memory_mib=8192, arch="x86_64", lend_cpu_percent=cpu, lend_memory_mib=memory_mib, idle=idle
+        cores=4,
+        memory_mib=8192,
+        arch="x86_64",
+        lend_cpu_percent=cpu,
+        lend_memory_mib=memory_mib,
+        idle=idle,
     )
 
 
@@ -147,7 +158,9 @@ class RawDonor:
         self._out.put(serde.event_to_proto(link.DonorEvent(self._seq, message)))
         return self._seq
 
-    def hello(self, cap: link.Capacity | None = None, guests: tuple[link.GuestReport, ...] = ()) -> int:
+    def hello(
+        self, cap: link.Capacity | None = None, guests: tuple[link.GuestReport, ...] = ()
+    ) -> int:
         return self.send(link.Hello("test", cap or capacity(), guests))
 
     def next_command(self, timeout: float = 10.0, skip_acks: bool = True) -> link.Command:

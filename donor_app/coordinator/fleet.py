@@ -517,8 +517,11 @@ class Fleet:
     async def _placement_loop(self) -> None:
         interval = self.config.placement_interval.total_seconds()
         while True:
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation
+            # that races with the event being set, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_placement.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake_placement.wait()
             self._wake_placement.clear()
             try:
                 await self.place_queued()

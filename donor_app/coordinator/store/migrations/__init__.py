@@ -1,0 +1,1 @@
+"""Alembic environment and revisions of the fleet store (see ../migrate.py)."""
