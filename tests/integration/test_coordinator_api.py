@@ -152,16 +152,16 @@ def test_malformed_enrollment_is_invalid_argument_and_spends_nothing(
 ) -> None:
     good_token = _token(admin)
     _, good_csr = new_key_and_csr()
-    with grpc.secure_channel(
-        coordinator.endpoints.enroll_address, grpc.ssl_channel_credentials(coordinator.ca_pem)
-    ) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.CoordinatorStub(channel).Enroll(
-                pb.EnrollRequest(
-                    token=token or good_token, csr_pem=csr or good_csr, hostname=hostname
-                ),
-                timeout=10,
-            )
+    with (
+        grpc.secure_channel(
+            coordinator.endpoints.enroll_address, grpc.ssl_channel_credentials(coordinator.ca_pem)
+        ) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.CoordinatorStub(channel).Enroll(
+            pb.EnrollRequest(token=token or good_token, csr_pem=csr or good_csr, hostname=hostname),
+            timeout=10,
+        )
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith(f"{field}:")
     assert _donors_snapshot(coordinator) == []
@@ -187,11 +187,13 @@ def test_without_a_certificate_only_enroll_answers(coordinator: RunningCoordinat
 def test_the_main_port_refuses_a_caller_without_a_certificate(
     coordinator: RunningCoordinator,
 ) -> None:
-    with grpc.secure_channel(
-        coordinator.endpoints.address, grpc.ssl_channel_credentials(coordinator.ca_pem)
-    ) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.AdminStub(channel).ListDonors(pb.ListDonorsRequest(), timeout=10)
+    with (
+        grpc.secure_channel(
+            coordinator.endpoints.address, grpc.ssl_channel_credentials(coordinator.ca_pem)
+        ) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.AdminStub(channel).ListDonors(pb.ListDonorsRequest(), timeout=10)
     # The TLS handshake itself fails: nothing reaches a handler.
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
@@ -200,11 +202,13 @@ def test_a_donor_certificate_is_not_an_admin_credential(
     coordinator: RunningCoordinator, admin: AdminClient
 ) -> None:
     creds = enroll(coordinator, _token(admin))
-    with donor_channel(coordinator.endpoints.address, creds) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            pb_grpc.AdminStub(channel).CreateEnrollmentToken(
-                pb.CreateTokenRequest(ttl_s=3600, uses=1000), timeout=10
-            )
+    with (
+        donor_channel(coordinator.endpoints.address, creds) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.AdminStub(channel).CreateEnrollmentToken(
+            pb.CreateTokenRequest(ttl_s=3600, uses=1000), timeout=10
+        )
     assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -223,9 +227,11 @@ def test_a_revoked_donor_is_cut_off_and_refused(
     again.hello()
     error = again.wait_error()
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-    with donor_channel(coordinator.endpoints.address, creds) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(pb_grpc.CoordinatorStub(channel).FetchImage(pb.ImageRequest(sha256="0" * 64)))
+    with (
+        donor_channel(coordinator.endpoints.address, creds) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        list(pb_grpc.CoordinatorStub(channel).FetchImage(pb.ImageRequest(sha256="0" * 64)))
     assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
     [listed] = admin.donors()
     assert listed.revoked and not listed.connected
