@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from donor_app.agent.status import AgentStatus, GuestSnapshot
+from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
 from donor_app.gui import presenter
 from donor_app.gui.presenter import Action, TrayState
@@ -53,35 +53,12 @@ def test_a_failed_agent_is_an_error_not_a_wait() -> None:
     assert presenter.tray_state(None, failure="the agent exited") is TrayState.ERROR
 
 
-@dataclass(frozen=True)
-class Link:
-    address: str
-    state: str
-    detail: str = ""
-    donor_id: str = ""
-
-
-@dataclass(frozen=True)
-class StatusWithLink:
-    """AgentStatus as it will be once it carries the coordinator link."""
-
-    decision: Decision
-    guests: tuple[GuestSnapshot, ...]
-    coordinator: Link | None
-    settings_error: str = ""
-    snoozed_indefinitely: bool = False
-    user_agent: bool = False
-    snoozed_until: datetime | None = None
-    at: datetime = NOW
-
-
-def with_link(link: Link | None) -> AgentStatus:
-    base = status()
-    return StatusWithLink(base.decision, base.guests, link)  # type: ignore[return-value]
+def with_link(link: LinkStatus | None) -> AgentStatus:
+    return replace(status(), coordinator=link or LinkStatus())
 
 
 def test_a_refused_donor_is_an_error_and_says_why() -> None:
-    snapshot = with_link(Link("coord.example:7443", "refused", "donor revoked"))
+    snapshot = with_link(LinkStatus("coord.example:7443", "refused", "donor revoked"))
     assert presenter.tray_state(snapshot) is TrayState.ERROR
     assert "Coordinator coord.example:7443: refused — donor revoked" in presenter.header_lines(
         snapshot, NOW
@@ -95,7 +72,7 @@ def test_coordinator_line_reads_the_link_or_says_none_is_configured() -> None:
     assert presenter.about_lines(with_link(None), "/s", None)[-1] == (
         "No coordinator configured (donating locally only)"
     )
-    linked = with_link(Link("coord:7443", "connected", donor_id="d-17"))
+    linked = with_link(LinkStatus("coord:7443", "connected", donor_id="d-17"))
     assert presenter.about_lines(linked, "/s", None)[-1] == (
         "Coordinator coord:7443: connected as d-17"
     )
