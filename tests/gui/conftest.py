@@ -17,6 +17,12 @@ import pytest
 # session bus per test (HOST-FACTS, "Desktop").
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 os.environ["DBUS_SESSION_BUS_ADDRESS"] = "disabled:"
+# Qt's GLib event dispatcher takes GLib's default main context for the main thread;
+# libvirt's event loop (GLib-based since libvirt 6.2) runs that same context on its own
+# thread and would starve for the rest of the pytest process (the hypervisor contract
+# suite's lifecycle events stopped arriving). The product never mixes the two in one
+# process: the tray talks to the agent over its socket.
+os.environ["QT_NO_GLIB"] = "1"
 
 from donor_app.agent.engine import Engine
 from donor_app.agent.history import History

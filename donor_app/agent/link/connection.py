@@ -268,7 +268,11 @@ class CoordinatorLink:
                 message = command.message
                 if isinstance(message, link.Welcome):
                     interval[0] = float(max(1, message.report_interval_s))
-                    self._state("connected", "", donor_id=message.donor_id)
+                    # Without a keyring the key sits in a 0600 file: say so where the
+                    # owner and the admin look (tray About/Settings, `status`).
+                    where = self._credentials.location
+                    detail = "" if "keyring" in where else f"credentials in {where}"
+                    self._state("connected", detail, donor_id=message.donor_id)
                     if not reporter.is_alive():
                         reporter.start()
                 elif isinstance(message, link.Ack):
