@@ -77,7 +77,7 @@ def running_xvfb(
     *,
     first_display: int = 90,
     attempts: int = 50,
-    timeout_s: float = 15.0,
+    timeout_s: float = 60.0,
     screen: str = "1280x800x24",
 ) -> Iterator[str]:
     """Start Xvfb on a free display, yield its name (e.g. ":90"), stop it on exit.

@@ -87,41 +87,75 @@ _PINNED = (
 )
 
 
-# The coordinator's entry point, plus a note of every garbage collection that is of the
-# oldest generation or takes ≥ 5 ms (monotonic time, generation, ms) in a file: pauses
-# of the whole process show up as ack latency. argv: gc log, gc thresholds ('' for
-# CPython's defaults; --coordinator-gc, an experiment), coordinator CLI args...
-_COORDINATOR = (
-    "import gc, sys, time\n"
-    "log = open(sys.argv[1], 'a', buffering=1)\n"
-    "began = [0.0]\n"
-    "def note(phase, info):\n"
-    "    if phase == 'start':\n"
-    "        began[0] = time.perf_counter()\n"
-    "        return\n"
-    "    ms = (time.perf_counter() - began[0]) * 1000\n"
-    "    if info['generation'] == 2 or ms >= 5:\n"
-    "        log.write(f'{time.monotonic():.3f} {info[\"generation\"]} {ms:.2f}\\n')\n"
-    "gc.callbacks.append(note)\n"
-    "if sys.argv[2]:\n"
-    "    gc.set_threshold(*(int(x) for x in sys.argv[2].split(',')))\n"
-    "from donor_app.coordinator.cli import main\n"
-    "sys.exit(main(sys.argv[3:]))\n"
-)
+@dataclass
+class ProbeNotes:
+    """What `coordinator_probe.py` noted during the window (times: seconds into it)."""
 
+    gc: list[list[float]]  # [at, generation, ms]
+    lags: list[list[float]]  # [at, ms], the loop ≥ 5 ms late
+    lag_samples: int
+    flushes: list[list[float]]  # [at, ms]
 
-def gc_pauses(path: Path, t0: float, t1: float) -> list[list[float]]:
-    """[seconds into the window, generation, ms] of the notes of `_COORDINATOR`."""
-    pauses = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        at, generation, ms = (float(x) for x in line.split())
-        if t0 <= at < t1:
-            pauses.append([round(at - t0, 2), int(generation), ms])
-    return pauses
+    @classmethod
+    def read(cls, path: Path, t0: float, t1: float) -> ProbeNotes:
+        notes = cls([], [], 0, [])
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return notes
+        for line in lines:
+            kind, *fields = line.split()
+            at = float(fields[0])
+            if not t0 <= at < t1:
+                continue
+            if kind == "gc":
+                notes.gc.append([round(at - t0, 2), int(fields[1]), float(fields[2])])
+            elif kind == "lag":
+                notes.lags.append([round(at - t0, 2), float(fields[1])])
+            elif kind == "ticks":
+                notes.lag_samples += int(fields[1])
+            elif kind == "flush":
+                notes.flushes.append([round(at - t0, 2), float(fields[1])])
+        return notes
+
+    def loop_lag(self) -> dict[str, Any]:
+        """How late the coordinator's loop woke from a 10 ms sleep (a busy or blocked
+        loop delays every ack by as much)."""
+        samples = max(1, self.lag_samples)
+        over_50 = [lag for lag in self.lags if lag[1] > 50]
+
+        def during_flush(at: float, ms: float) -> bool:
+            # The loop was late over [at - ms, at]; a flush ran over [start, start + its ms].
+            return any(
+                start < at and at - ms / 1000 < start + f_ms / 1000 for start, f_ms in self.flushes
+            )
+
+        return {
+            "samples": self.lag_samples,
+            "over_5ms_percent": round(100 * len(self.lags) / samples, 2),
+            "over_50ms_percent": round(100 * len(over_50) / samples, 2),
+            "over_50ms_during_flush": sum(during_flush(at, ms) for at, ms in over_50),
+            "over_50ms_during_gc": sum(
+                any(
+                    g_at - g_ms / 1000 - 0.01 < at and at - ms / 1000 < g_at + 0.01
+                    for g_at, _, g_ms in self.gc
+                )
+                for at, ms in over_50
+            ),
+            "max_ms": max((lag[1] for lag in self.lags), default=0.0),
+            "worst_at_s": sorted(self.lags, key=lambda lag: -lag[1])[:5],
+        }
+
+    def flush_summary(self, seconds: float) -> dict[str, Any]:
+        """The fleet's batched store writes (`Fleet.flush`): how many, how long (wall:
+        its loop side and its worker thread together), share of the window."""
+        ms = [f[1] for f in self.flushes]
+        return {
+            "count": len(ms),
+            "mean_ms": round(sum(ms) / len(ms), 1) if ms else None,
+            "max_ms": max(ms, default=None),
+            "busy_percent": round(100 * sum(ms) / 1000 / seconds, 1),
+        }
 
 
 def pinned(core: int | None, argv: list[str]) -> list[str]:
@@ -139,7 +173,7 @@ class Coordinator:
     process: subprocess.Popen[bytes]
     endpoints: Endpoints
     log_file: Path
-    gc_file: Path
+    probe_file: Path
 
     @property
     def pid(self) -> int:
@@ -166,12 +200,12 @@ def running_coordinator(
     gc_threshold: str = "",
 ) -> Iterator[Coordinator]:
     log_file = data_dir.parent / f"{data_dir.name}.log"
-    gc_file = data_dir.parent / f"{data_dir.name}.gc"
+    probe_file = data_dir.parent / f"{data_dir.name}.probe"
     argv = [
         sys.executable,
-        "-c",
-        _COORDINATOR,
-        str(gc_file),
+        "-m",
+        "tests.benchmarks.coordinator_probe",
+        str(probe_file),
         gc_threshold,
         "--data-dir",
         str(data_dir),
@@ -204,7 +238,7 @@ def running_coordinator(
         endpoints = Endpoints.load(data_dir)
         if endpoints.metrics_port is None:
             raise RuntimeError("the coordinator serves no metrics endpoint")
-        yield Coordinator(process, endpoints, log_file, gc_file)
+        yield Coordinator(process, endpoints, log_file, probe_file)
     finally:
         if process.poll() is None:
             process.terminate()
@@ -288,7 +322,6 @@ def running_workers(
     count = max(1, math.ceil(donors / per_worker))
     workers: list[Worker] = []
     try:
-        first = 0
         for i in range(count):
             share = donors // count + (1 if i < donors % count else 0)
             argv = [
@@ -306,14 +339,15 @@ def running_workers(
                 "--count",
                 str(share),
                 "--first-index",
-                str(first),
+                str(i),
+                "--stride",
+                str(count),
                 "--total",
                 str(donors),
                 "--interval",
                 str(args.interval),
             ]
             workers.append(Worker(argv, args.generator_core))
-            first += share
         yield workers
     finally:
         for worker in workers:
@@ -612,7 +646,7 @@ def run_once(
             cores_after = psutil.cpu_times(percpu=True)
             metrics_after = scrape(metrics_port)
         windows = [w.expect("window", args.window + 120) for w in workers]
-        coordinator_gc = gc_pauses(coordinator.gc_file, t0, t1)
+        probe = ProbeNotes.read(coordinator.probe_file, t0, t1)
         if coordinator.process.poll() is not None:
             raise RuntimeError(f"the coordinator died:\n{coordinator.log_tail()}")
 
@@ -647,8 +681,11 @@ def run_once(
         "stalls": {
             "acks_over_50ms": sum(len(w["slow"]) for w in windows),
             "clusters": stall_clusters(windows),
-            "coordinator_gc": gc_summary(coordinator_gc),
+            "coordinator_loop_lag": probe.loop_lag(),
+            "coordinator_gc": gc_summary(probe.gc),
+            "coordinator_flush": probe.flush_summary(args.window),
             "generator_gc": [gc_summary(w["gc_pauses"]) for w in windows],
+            "generator_loop_lag": [w["loop_lag"] for w in windows],
         },
         "setup_failures": failed,
         "errors": dict(setup_errors + stream_errors),
@@ -698,6 +735,13 @@ def main() -> int:
     parser.add_argument("--setup-timeout", type=float, default=900.0, help="enroll/connect")
     parser.add_argument("--profile-dir", type=Path, default=None)
     parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep the coordinators' data dirs, logs and probe notes here (default: a"
+        " temporary directory, removed at the end)",
+    )
+    parser.add_argument(
         "--coordinator-gc",
         default="",
         metavar="T0,T1,T2",
@@ -731,9 +775,14 @@ def main() -> int:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
 
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+    with ExitStack() as stack:
+        if args.work_dir is not None:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            work = args.work_dir
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coord-load-")))
         for store in stores:
-            runs += run_store(store, args, Path(tmp))
+            runs += run_store(store, args, work)
     at_target = [r for r in runs if r["donors"] >= TARGETS["donors"]]
     result = {
         "runs": runs,

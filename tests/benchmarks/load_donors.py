@@ -257,6 +257,17 @@ class GcPauses:
         return [[round(at - start, 2), gen, ms] for at, gen, ms in self.pauses if start <= at < end]
 
 
+async def watch_loop(window: Window, lags: list[float]) -> None:
+    """How late this loop wakes from 10 ms sleeps during the window: a generator too
+    busy to read its acks adds that much to the latencies it measures."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < window.end:
+        before = loop.time()
+        await asyncio.sleep(0.010)
+        if window.start <= before:
+            lags.append((loop.time() - before - 0.010) * 1000)
+
+
 def emit(event: str, **fields: Any) -> None:
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
@@ -288,8 +299,8 @@ async def enroll_all(
                     return
                 enrolled.append((index, Creds(key_pem, reply.certificate_pem)))
 
-        first = args.first_index
-        await asyncio.gather(*(one(i) for i in range(first, first + args.count)))
+        indices = range(args.first_index, args.first_index + args.count * args.stride, args.stride)
+        await asyncio.gather(*(one(i) for i in indices))
     enrolled.sort(key=lambda pair: pair[0])
     return enrolled, errors
 
@@ -362,10 +373,13 @@ async def amain(args: argparse.Namespace) -> None:
             _, t0, t1 = command.split()
             window = Window(float(t0), float(t1))
             shared.window = window
+            lags: list[float] = []
+            watcher = asyncio.create_task(watch_loop(window, lags))
             await asyncio.sleep(max(0.0, window.start - loop.time()))
             cpu_before = time.process_time()
             await asyncio.sleep(max(0.0, window.end - loop.time()))
             cpu_used = time.process_time() - cpu_before
+            await watcher
             streams_at_end = shared.open_streams
             # Acks of the window's last reports may still be on their way.
             deadline = window.end + GRACE_S
@@ -383,6 +397,11 @@ async def amain(args: argparse.Namespace) -> None:
                 cpu_s=round(cpu_used, 3),
                 slow=[[round(at - window.start, 3), round(x * 1000, 1)] for at, x in window.slow],
                 gc_pauses=gc_pauses.within(window.start, window.end),
+                loop_lag={
+                    "samples": len(lags),
+                    "over_50ms": sum(x > 50 for x in lags),
+                    "max_ms": round(max(lags, default=0.0), 1),
+                },
             )
         elif command == "quit":
             break
@@ -401,6 +420,13 @@ def main() -> int:
     parser.add_argument("--token", required=True, help="a fleet token with enough uses")
     parser.add_argument("--count", type=int, required=True, help="donors in this worker")
     parser.add_argument("--first-index", type=int, default=0, help="index of its first donor")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="its donors are first-index + k·stride (workers interleave, so each worker's"
+        " reports spread over the whole interval and a stall seen by all is the coordinator's)",
+    )
     parser.add_argument("--total", type=int, required=True, help="donors over all workers")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between reports")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to that core")

@@ -174,7 +174,7 @@ def test_dump_then_parse_gives_equal_settings(original: Settings) -> None:
     assert parse_settings(tomllib.loads(dump_settings(original)), FILE) == original
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(all_settings())
 def test_save_then_load_gives_equal_settings(tmp_path: Path, original: Settings) -> None:
     file = tmp_path / "config" / "settings.toml"
