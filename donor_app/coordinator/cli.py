@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin-key", type=Path)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
+    # --json also after the subcommand (`workload list --json`); SUPPRESS keeps a value
+    # given before it.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     serve = commands.add_parser("serve", help="run the coordinator")
     serve.add_argument("--listen", default="0.0.0.0:7443", help="donors and admin (mTLS)")
@@ -89,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="action", required=True
     )
-    create = token.add_parser("create", help="make an enrollment token")
+    create = token.add_parser("create", help="make an enrollment token", parents=[output])
     create.add_argument("--ttl", type=duration, default=timedelta(hours=1))
     create.add_argument("--uses", type=int, default=1, help="1 = single use (default)")
     create.add_argument("--note", default="")
@@ -97,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     workload = commands.add_parser("workload", help="workloads").add_subparsers(
         dest="action", required=True
     )
-    submit = workload.add_parser("submit", help="upload images and queue a workload")
+    submit = workload.add_parser(
+        "submit", help="upload images and queue a workload", parents=[output]
+    )
     submit.add_argument("--name", required=True)
     submit.add_argument("--vcpus", type=int, default=1)
     submit.add_argument("--memory-mib", type=int, default=256)
@@ -108,14 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--cmdline", default="console=ttyS0")
     submit.add_argument("--disk", type=Path, help="qcow2 base image (instead of --kernel)")
     submit.add_argument("--network", action="store_true", help="an isolated network")
-    workload.add_parser("list", help="all workloads, where they run")
-    cancel = workload.add_parser("cancel", help="stop a workload everywhere")
+    workload.add_parser("list", help="all workloads, where they run", parents=[output])
+    cancel = workload.add_parser("cancel", help="stop a workload everywhere", parents=[output])
     cancel.add_argument("id")
 
     donor = commands.add_parser("donor", help="donors").add_subparsers(dest="action", required=True)
-    donor.add_parser("list", help="enrolled donors")
+    donor.add_parser("list", help="enrolled donors", parents=[output])
     for action, text in (("drain", "no new work; move its work away"), ("revoke", "refuse it")):
-        one = donor.add_parser(action, help=text)
+        one = donor.add_parser(action, help=text, parents=[output])
         one.add_argument("id")
     return parser
 

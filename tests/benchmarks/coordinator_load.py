@@ -106,6 +106,9 @@ class ProbeNotes:
         for line in lines:
             kind, *fields = line.split()
             at = float(fields[0])
+            if kind == "flush" and at < t1 and at + float(fields[1]) / 1000 > t0:
+                # Flushes are noted when they end: keep any that overlaps the window.
+                notes.flushes.append([round(at - t0, 2), float(fields[1])])
             if not t0 <= at < t1:
                 continue
             if kind == "gc":
@@ -114,8 +117,6 @@ class ProbeNotes:
                 notes.lags.append([round(at - t0, 2), float(fields[1])])
             elif kind == "ticks":
                 notes.lag_samples += int(fields[1])
-            elif kind == "flush":
-                notes.flushes.append([round(at - t0, 2), float(fields[1])])
         return notes
 
     def loop_lag(self) -> dict[str, Any]:
@@ -147,14 +148,16 @@ class ProbeNotes:
         }
 
     def flush_summary(self, seconds: float) -> dict[str, Any]:
-        """The fleet's batched store writes (`Fleet.flush`): how many, how long (wall:
-        its loop side and its worker thread together), share of the window."""
+        """The fleet's batched store writes (`Fleet.flush`, meant to run once a second)
+        that overlapped the window: how many, how long (wall: its loop side and its
+        worker thread together), and the share of the window one was running."""
         ms = [f[1] for f in self.flushes]
+        busy = sum(min(seconds, at + f_ms / 1000) - max(0.0, at) for at, f_ms in self.flushes)
         return {
             "count": len(ms),
             "mean_ms": round(sum(ms) / len(ms), 1) if ms else None,
             "max_ms": max(ms, default=None),
-            "busy_percent": round(100 * sum(ms) / 1000 / seconds, 1),
+            "busy_percent": round(100 * busy / seconds, 1),
         }
 
 
@@ -197,7 +200,7 @@ def running_coordinator(
     store_url: str | None,
     interval_s: float,
     core: int | None,
-    gc_threshold: str = "",
+    experiments: tuple[str, ...] = (),
 ) -> Iterator[Coordinator]:
     log_file = data_dir.parent / f"{data_dir.name}.log"
     probe_file = data_dir.parent / f"{data_dir.name}.probe"
@@ -206,7 +209,8 @@ def running_coordinator(
         "-m",
         "tests.benchmarks.coordinator_probe",
         str(probe_file),
-        gc_threshold,
+        *experiments,
+        "--",
         "--data-dir",
         str(data_dir),
         "--log-level",
@@ -412,6 +416,17 @@ def core_busy(before: list[Any], after: list[Any]) -> dict[str, float]:
     return busy
 
 
+def cpu_pressure_us() -> float | None:
+    """Total µs some runnable task waited for a CPU (Linux PSI), or None."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                return float(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def postgres_processes(url: str) -> list[psutil.Process]:
     """The postmaster serving `url`'s port and its children (backends and helpers)."""
     port = make_url(url).port
@@ -578,7 +593,7 @@ def run_once(
     with ExitStack() as stack:
         coordinator = stack.enter_context(
             running_coordinator(
-                data_dir, store_url, args.interval, args.coordinator_core, args.coordinator_gc
+                data_dir, store_url, args.interval, args.coordinator_core, experiments(args)
             )
         )
         coordinator_proc = psutil.Process(coordinator.pid)
@@ -624,6 +639,7 @@ def run_once(
         time.sleep(max(0.0, t0 - time.monotonic()))
         with profiling(coordinator.pid, args.window, profile_file, args.generator_core):
             cores_before = psutil.cpu_times(percpu=True)
+            pressure_before = cpu_pressure_us()
             coord_cpu_before = cpu_seconds([coordinator_proc])
             threads_before = thread_cpu(coordinator_proc)
             gen_cpu_before = cpu_seconds(worker_procs)
@@ -644,6 +660,7 @@ def run_once(
             gen_cpu = cpu_seconds(worker_procs) - gen_cpu_before
             pg_cpu = cpu_seconds(pg_procs) - pg_cpu_before
             cores_after = psutil.cpu_times(percpu=True)
+            pressure_after = cpu_pressure_us()
             metrics_after = scrape(metrics_port)
         windows = [w.expect("window", args.window + 120) for w in workers]
         probe = ProbeNotes.read(coordinator.probe_file, t0, t1)
@@ -678,6 +695,11 @@ def run_once(
             "streams_open_at_end": sum(w["open_streams"] for w in windows),
         },
         "core_busy_percent": core_busy(cores_before, cores_after),
+        # Share of the window in which some runnable task waited for a CPU (PSI): high
+        # means the cores were oversubscribed (by us, or by others on a shared machine).
+        "cpu_pressure_percent": round((pressure_after - pressure_before) / 1e4 / seconds, 1)
+        if pressure_before is not None and pressure_after is not None
+        else None,
         "stalls": {
             "acks_over_50ms": sum(len(w["slow"]) for w in windows),
             "clusters": stall_clusters(windows),
@@ -705,16 +727,37 @@ def run_once(
     return result
 
 
+def experiments(args: argparse.Namespace) -> tuple[str, ...]:
+    """The probe's options for what --coordinator-* asked (nothing by default)."""
+    chosen: tuple[str, ...] = ()
+    if args.coordinator_gc:
+        chosen += ("--gc", args.coordinator_gc)
+    if args.coordinator_switch_interval is not None:
+        chosen += ("--switch-interval", str(args.coordinator_switch_interval))
+    return chosen
+
+
+def run_or_fail(
+    store: str, donors: int, store_url: str | None, base: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run; a failure is reported in its place (the other runs still count)."""
+    try:
+        return run_once(store, donors, store_url, base, args)
+    except Exception as error:
+        log.exception("%s, %d donors: the run failed", store, donors)
+        return {"store": store, "donors": donors, "failed": f"{type(error).__name__}: {error}"}
+
+
 def run_store(store: str, args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
     if store == "sqlite":
-        return [run_once(store, n, None, base, args) for n in args.donors]
+        return [run_or_fail(store, n, None, base, args) for n in args.donors]
     from tests.postgres import fresh_database, running_postgres
 
     runs = []
     with running_postgres(base) as server_url:
         for n in args.donors:
             with fresh_database(server_url, prefix="load") as url:
-                runs.append(run_once(store, n, url, base, args))
+                runs.append(run_or_fail(store, n, url, base, args))
     return runs
 
 
@@ -746,6 +789,13 @@ def main() -> int:
         default="",
         metavar="T0,T1,T2",
         help="an experiment: gc.set_threshold(T0, T1, T2) in the coordinator before it starts",
+    )
+    parser.add_argument(
+        "--coordinator-switch-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="an experiment: sys.setswitchinterval(S) in the coordinator (CPython: 0.005)",
     )
     parser.add_argument("--quick", action="store_true", help="500 donors, 10 s window")
     args = parser.parse_args()
@@ -793,10 +843,11 @@ def main() -> int:
         "warmup_s": args.warmup,
         "report_interval_s": args.interval,
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        "coordinator_gc_threshold": args.coordinator_gc or "CPython default (700, 10, 10)",
+        # Experiments on the coordinator's interpreter (none: as shipped).
+        "coordinator_experiments": " ".join(experiments(args)) or None,
         "targets": TARGETS,
         # The issue's targets are for 10,000 donors: None when no run had that many.
-        "targets_met": all(all(r["targets_met"].values()) for r in at_target)
+        "targets_met": all(all(r.get("targets_met", {"ran": False}).values()) for r in at_target)
         if at_target
         else None,
     }

@@ -1,6 +1,7 @@
 """Runs `donor-coordinator` with two probes for `coordinator_load.py`; changes nothing else.
 
-    python -m tests.benchmarks.coordinator_probe PROBE_FILE GC_THRESHOLDS CLI-ARGS...
+    python -m tests.benchmarks.coordinator_probe PROBE_FILE [--gc T0,T1,T2]
+        [--switch-interval S] -- CLI-ARGS...
 
 Into PROBE_FILE, one line each (times are `time.monotonic()`, as in every process):
 
@@ -12,12 +13,14 @@ Into PROBE_FILE, one line each (times are `time.monotonic()`, as in every proces
 - `flush T MS`: `Fleet.flush` (the batched store writes, once a second) started at T
   and took MS (wrapped, not changed; skipped should the method ever be renamed).
 
-GC_THRESHOLDS: '' keeps CPython's defaults; 'T0,T1,T2' sets `gc.set_threshold` first
-(an experiment: `coordinator_load.py --coordinator-gc`).
+Experiments (`coordinator_load.py --coordinator-gc / --coordinator-switch-interval`),
+none by default: --gc calls `gc.set_threshold(T0, T1, T2)` and --switch-interval
+`sys.setswitchinterval(S)` before the coordinator starts.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import sys
@@ -79,11 +82,18 @@ class Probe:
 
 
 def main() -> int:
-    probe_file, thresholds, cli_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    probe = Probe(open(probe_file, "a", buffering=1))  # noqa: SIM115 (lives as long as we do)
+    split = sys.argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("probe_file")
+    parser.add_argument("--gc", default="")
+    parser.add_argument("--switch-interval", type=float, default=None)
+    args = parser.parse_args(sys.argv[1:split])
+    probe = Probe(open(args.probe_file, "a", buffering=1))  # noqa: SIM115 (lives as we do)
     gc.callbacks.append(probe.on_gc)
-    if thresholds:
-        gc.set_threshold(*(int(x) for x in thresholds.split(",")))
+    if args.gc:
+        gc.set_threshold(*(int(x) for x in args.gc.split(",")))
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     real_run = asyncio.run
 
@@ -101,7 +111,7 @@ def main() -> int:
     probe.wrap_flush()
     from donor_app.coordinator.cli import main as coordinator_main
 
-    return coordinator_main(cli_args)
+    return coordinator_main(sys.argv[split + 1 :])
 
 
 if __name__ == "__main__":
