@@ -368,6 +368,8 @@ class Fleet:
                 return
             if record.donor_id == session.donor_id and record.epoch == guest.epoch:
                 return  # renewed meanwhile (a race with a reassignment that failed)
+            if await self._readopt(session, record, guest, events):
+                return
             reason = (
                 f"stale epoch {guest.epoch}: the workload is at epoch {record.epoch}"
                 + (f" on donor {record.donor_id}" if record.donor_id else " (requeued)")
@@ -378,6 +380,58 @@ class Fleet:
             session.send(link.StopWorkload(guest.workload_id, guest.epoch, reason))
         finally:
             session.fencing.discard(guest.workload_id)
+
+    async def _readopt(
+        self,
+        session: DonorSession,
+        record: WorkloadRecord,
+        guest: link.GuestReport,
+        events: Sequence[WorkloadEvent],
+    ) -> bool:
+        """The donor that last held a requeued workload comes back before it was placed
+        elsewhere: the epoch never moved on, so no other copy can exist — keep the guest
+        (and its state) where it is instead of restarting it from scratch."""
+        placements = [e for e in events if e.kind == "placed"]
+        if (
+            record.state is not WorkloadState.QUEUED
+            or record.epoch != guest.epoch
+            or not placements
+            or placements[-1].donor_id != session.donor_id
+        ):
+            return False
+        state = _REPORTED.get(guest.state)
+        if state is None:
+            return False
+        async with self._lock:
+            current = self._workloads.get(record.workload_id)
+            if current is None or current.state is not WorkloadState.QUEUED:
+                return False
+            if current.epoch != guest.epoch:
+                return False
+            now = self._clock()
+            updated = await self._write(
+                current,
+                event=WorkloadEvent(
+                    current.workload_id,
+                    now,
+                    "readopted",
+                    session.donor_id,
+                    current.epoch,
+                    "its donor came back before it was placed elsewhere",
+                ),
+                state=state,
+                donor_id=session.donor_id,
+                lease_until=now + self.config.lease_ttl,
+                detail="",
+            )
+        if updated is not None:
+            log.info(
+                "workload %s stays on donor %s (epoch %d)",
+                updated.workload_id,
+                session.donor_id,
+                updated.epoch,
+            )
+        return updated is not None
 
     def _resend_assignments(self, session: DonorSession, reported: set[str]) -> None:
         """Commands can be lost with a broken stream: resend RunWorkload (idempotent on the
@@ -537,8 +591,15 @@ class Fleet:
     async def place_queued(self) -> int:
         """Assign queued workloads to donors with room; returns how many were placed."""
         async with self._lock:
+            # A workload some donor just reported is being checked (it may be re-adopted
+            # by its last donor): not placed until that check is done.
+            checking = {w for session in self._sessions.values() for w in session.fencing}
             queued = sorted(
-                (w for w in self._workloads.values() if w.state is WorkloadState.QUEUED),
+                (
+                    w
+                    for w in self._workloads.values()
+                    if w.state is WorkloadState.QUEUED and w.workload_id not in checking
+                ),
                 key=lambda w: w.created_at,
             )
             if not queued or not self._sessions:

@@ -1,37 +1,48 @@
 """The coordinator under N donors: held streams, updates/s, ack latency, RSS and CPU.
 
 A real `donor-coordinator serve` in its own process pinned to one core (core 0), with
-SQLite in a fresh data dir, then the same with a private PostgreSQL (a fresh database
-per run; the PostgreSQL server is pinned to the other core, beside the generator). The
-load generator (`load_donors.py` workers, pinned to core 1) enrolls N donors for real
-(one fleet token with N uses, a fresh key, CSR and certificate each; not measured), opens
-N Connect streams over mTLS, one channel per donor, sends a Hello and then a Report
-every 5 s from each donor, spread evenly over the interval. After all N are connected
-and a warm-up, a window is measured:
+SQLite in a fresh data dir, then the same with a private PostgreSQL (`tests/postgres.py`;
+a fresh database per run, the server pinned to the other core). The load generator
+(`load_donors.py` worker processes, pinned to core 1) enrolls N donors for real (one
+fleet token with N uses; a fresh key, CSR and certificate each; not measured), opens N
+Connect streams over mTLS, one channel and connection per donor, and sends a Hello and
+then a Report every 5 s from each donor, spread evenly over the interval. After all N
+are connected and a warm-up, a window is measured. Per run:
 
-- connected: donors with an open stream as the coordinator counts them (its metrics
-  endpoint, `donor_coordinator_donors_connected`), at the end of the window (and the
-  lowest seen during it, `connected_min`);
-- updates_per_s: acks received by the donors during the window, per second;
-- ack_ms p50/p99: client side, from just before a report is written to its ack's
-  arrival, for every report sent during the window;
-- rss_mib (peak) and cpu_percent_of_core of the coordinator process (psutil);
-- the generator's own CPU and RSS, the PostgreSQL server's CPU, each core's busy share
-  (the machine is shared: core 0 busy well above the coordinator's own CPU means someone
-  else ran there), and the coordinator's own mean time to handle a report (from its
-  `donor_coordinator_donor_event_seconds` histogram) to tell where the latency is spent.
+- connected / connected_min: open streams as the coordinator counts them (its metrics
+  endpoint, `donor_coordinator_donors_connected`) at the end of / lowest during the
+  window;
+- updates_per_s: acks the donors received during the window, per second (expected:
+  N / interval);
+- ack_ms p50/p99 (and ack_ms_max): client side, from just before a report is written to
+  its ack's arrival, for every report sent during the window; `unanswered` counts
+  reports of the window without an ack 5 s after it;
+- rss_mib (peak) and cpu_percent_of_core of the coordinator process (psutil), its CPU
+  by thread name (`python`: the interpreter's threads; `event_engine`: gRPC's own), and
+  its mean time to handle one report (`donor_coordinator_donor_event_seconds`);
+- generator: its CPU, RSS and open streams; postgresql_cpu_percent_of_core; each core's
+  busy share and the CPU pressure (PSI) — the machine may be shared, and a generator or
+  core near 100 % means the figures are the machine's, not the coordinator's;
+- stalls: acks slower than 50 ms clustered by arrival time with the workers that saw
+  them (all workers at once: the coordinator), the coordinator's event-loop lag, its
+  garbage collections and its `Fleet.flush` batches (from `coordinator_probe.py`,
+  which runs the coordinator unchanged), the generator's own GC pauses and loop lag.
 
 Nothing is cached between runs: each run has a new coordinator, data dir, CA, token,
 database and donors. Targets (issue 4): 10,000 donors held, 2,000 updates/s,
-p99 ≤ 50 ms, RSS ≤ 1 GiB.
+p99 ≤ 50 ms, RSS ≤ 1 GiB; `targets_met` is judged on the runs with 10,000 donors.
 
     python tests/benchmarks/coordinator_load.py [--donors 1000,5000,10000]
         [--stores sqlite,postgresql] [--window 30] [--warmup 10] [--interval 5]
-        [--donors-per-worker 2500] [--profile-dir DIR] [--quick]
+        [--donors-per-worker 2500] [--profile-dir DIR] [--work-dir DIR] [--quick]
+        [--coordinator-gc T0,T1,T2] [--coordinator-switch-interval S]
 
 --quick is a smoke run (500 donors, 10 s window, 5 s warm-up). --profile-dir records
 the coordinator with py-spy (`pip install py-spy`; not a project dependency) during
 each window into DIR/<store>-<N>.txt (collapsed stacks) and adds a summary to the run.
+--work-dir keeps the data dirs, coordinator logs and probe notes. The --coordinator-*
+options are experiments on the coordinator's interpreter (GC thresholds, the GIL's
+switch interval), recorded in the JSON; without them the coordinator runs as shipped.
 """
 
 from __future__ import annotations

@@ -17,8 +17,12 @@ Driven over stdin/stdout by the parent, one JSON object per stdout line:
 
 Times T0/T1 are `time.monotonic()` values (the same clock in every process on Linux).
 The window figures: acks received in [T0, T1); for reports *sent* in [T0, T1), the
-client-side latency from just before the write to the ack's arrival (seconds); reports
-of the window still unanswered after the grace period; streams still open.
+client-side latency from just before the write to the ack's arrival (ms), and when the
+slow ones (> 50 ms) arrived; reports of the window still unanswered after the grace
+period; streams still open; this process's CPU, GC pauses and loop lag (a generator too
+busy to read its acks adds to the latencies it measures). After connecting, the worker
+freezes its heap and stops full collections, so that its own GC does not pose as the
+coordinator's latency.
 """
 
 from __future__ import annotations

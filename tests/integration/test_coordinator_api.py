@@ -4,6 +4,7 @@ refused with the right status and a message naming the reason, the store unchang
 
 from __future__ import annotations
 
+import queue
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -542,3 +543,44 @@ def test_admin_credential_files_are_private(coordinator: RunningCoordinator) -> 
     )
     with AdminClient(coordinator.endpoints.address, credential) as client:
         assert client.donors() == []
+
+
+def test_a_donor_back_before_its_workload_moved_keeps_it(
+    coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
+) -> None:
+    creds = enroll(coordinator, _token(admin))
+    first = RawDonor(coordinator.endpoints.address, creds)
+    first.hello()
+    workload = admin.submit(_spec("patient", _image(admin, tmp_path)))
+    first.next_command()
+    first.send(link.Report(capacity(), (link.GuestReport(workload.id, 1, link.GuestState.PAUSED),)))
+    first.close()
+    wait_for(
+        lambda: admin.workloads()[0].state == pb.WORKLOAD_STATE_QUEUED,
+        timeout=15,
+        what="the workload requeued after its lease",
+    )
+    back = RawDonor(coordinator.endpoints.address, creds)
+    try:
+        # Nobody else took it: the epoch is unchanged, so the paused guest (and its
+        # state) stays; no StopWorkload, no fresh start.
+        back.hello(guests=(link.GuestReport(workload.id, 1, link.GuestState.PAUSED),))
+        wait_for(
+            lambda: admin.workloads()[0].state == pb.WORKLOAD_STATE_PAUSED,
+            timeout=10,
+            what="the workload re-adopted",
+        )
+        [current] = admin.workloads()
+        assert (current.donor_id, current.epoch) == (creds.donor_id, 1)
+        back.send(
+            link.Report(capacity(), (link.GuestReport(workload.id, 1, link.GuestState.PAUSED),))
+        )
+        ack = back.next_command(skip_acks=False)
+        while not isinstance(ack.message, link.Ack):
+            assert not isinstance(ack.message, link.StopWorkload | link.RunWorkload), ack
+            ack = back.next_command(skip_acks=False)
+        # Nothing else arrives (observed for 2 s): no stop, no restart.
+        with pytest.raises(queue.Empty):
+            back.next_command(timeout=2)
+    finally:
+        back.close()
