@@ -427,6 +427,17 @@ def core_busy(before: list[Any], after: list[Any]) -> dict[str, float]:
     return busy
 
 
+def other_load(
+    busy: dict[str, float], args: argparse.Namespace, coordinator: float, generator_side: float
+) -> dict[str, float] | None:
+    if args.coordinator_core is None or args.generator_core is None:
+        return None
+    return {
+        "coordinator_core": round(max(0.0, busy[str(args.coordinator_core)] - coordinator), 1),
+        "generator_core": round(max(0.0, busy[str(args.generator_core)] - generator_side), 1),
+    }
+
+
 def cpu_pressure_us() -> float | None:
     """Total µs some runnable task waited for a CPU (Linux PSI), or None."""
     try:
@@ -632,7 +643,15 @@ def run_once(
         for item in (*enrolled, *connected):
             setup_errors.update(item["errors"])
         failed = enroll_failed + sum(c["failed"] for c in connected)
-        log.info("connected %d in %.1f s", donors - failed, result["connect_s"])
+        # Attempts that failed (the coordinator too busy to finish the handshake and
+        # answer the Hello within 120 s) and were retried, as an agent would.
+        result["connect_retries"] = sum(c["retries"] for c in connected)
+        log.info(
+            "connected %d in %.1f s (%d retries)",
+            donors - failed,
+            result["connect_s"],
+            result["connect_retries"],
+        )
 
         pg_procs: list[psutil.Process] = []
         if store_url and store == "postgresql":
@@ -654,6 +673,7 @@ def run_once(
             coord_cpu_before = cpu_seconds([coordinator_proc])
             threads_before = thread_cpu(coordinator_proc)
             gen_cpu_before = cpu_seconds(worker_procs)
+            self_cpu_before = cpu_seconds([psutil.Process()])
             pg_cpu_before = cpu_seconds(pg_procs)
             metrics_before = scrape(metrics_port)
             rss_peak = coordinator_proc.memory_info().rss / MIB
@@ -669,6 +689,7 @@ def run_once(
             coord_cpu = cpu_seconds([coordinator_proc]) - coord_cpu_before
             threads = thread_share(threads_before, thread_cpu(coordinator_proc), seconds)
             gen_cpu = cpu_seconds(worker_procs) - gen_cpu_before
+            self_cpu = cpu_seconds([psutil.Process()]) - self_cpu_before
             pg_cpu = cpu_seconds(pg_procs) - pg_cpu_before
             cores_after = psutil.cpu_times(percpu=True)
             pressure_after = cpu_pressure_us()
@@ -706,8 +727,16 @@ def run_once(
             "streams_open_at_end": sum(w["open_streams"] for w in windows),
         },
         "core_busy_percent": core_busy(cores_before, cores_after),
-        # Share of the window in which some runnable task waited for a CPU (PSI): high
-        # means the cores were oversubscribed (by us, or by others on a shared machine).
+        # What else ran on the two cores (busy minus this benchmark's own processes), %
+        # of a core: the machine may be shared.
+        "other_load_percent": other_load(
+            core_busy(cores_before, cores_after),
+            args,
+            coordinator=100 * coord_cpu / seconds,
+            generator_side=100 * (gen_cpu + pg_cpu + self_cpu) / seconds,
+        ),
+        # Share of the window in which some runnable task waited for a CPU (PSI; our
+        # own workers sharing core 1 count too).
         "cpu_pressure_percent": round((pressure_after - pressure_before) / 1e4 / seconds, 1)
         if pressure_before is not None and pressure_after is not None
         else None,
@@ -721,6 +750,7 @@ def run_once(
             "generator_loop_lag": [w["loop_lag"] for w in windows],
         },
         "setup_failures": failed,
+        # Failed enrollments, failed connection attempts (retried), streams lost.
         "errors": dict(setup_errors + stream_errors),
     }
     if pg_procs:

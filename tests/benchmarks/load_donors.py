@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import os
+import random
 import resource
 import sys
 import threading
@@ -54,7 +55,7 @@ from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 log = logging.getLogger("load_donors")
 
 SLOW_MS = 50.0  # acks slower than this are listed (with when) to find stalls
-MAX_SLOW = 5000
+MAX_SLOW = 20_000
 GRACE_S = 5.0  # after the window, how long a report of the window may wait for its ack
 HELLO_TIMEOUT_S = 120.0
 # What every simulated donor offers (the same in each report: nothing for placement).
@@ -310,23 +311,38 @@ async def enroll_all(
 
 
 async def connect_all(
-    donors: list[SimDonor], concurrency: int, shared: Shared
-) -> tuple[int, Counter[str]]:
+    donors: list[SimDonor], concurrency: int, deadline_s: float
+) -> tuple[int, int, Counter[str]]:
+    """Connect every donor, at most `concurrency` handshakes at once. Like an agent, a
+    donor whose attempt fails (or gets no ack for its Hello within HELLO_TIMEOUT_S)
+    tries again after a jittered, growing backoff, until `deadline_s` from now. Returns
+    (connected, retries, errors of the failed attempts)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
     gate = asyncio.Semaphore(concurrency)
     errors: Counter[str] = Counter()
+    retries = 0
 
     async def one(donor: SimDonor) -> None:
-        async with gate:
-            try:
-                await asyncio.wait_for(donor.connect(), HELLO_TIMEOUT_S)
-            except Exception as error:
-                errors[_error_name(error)] += 1
-                await donor.close()
+        nonlocal retries
+        for attempt in range(1_000):
+            async with gate:
+                try:
+                    timeout = min(HELLO_TIMEOUT_S, max(1.0, deadline - loop.time()))
+                    await asyncio.wait_for(donor.connect(), timeout)
+                except Exception as error:
+                    errors[_error_name(error)] += 1
+                    await donor.close()
+                else:
+                    donor.task = asyncio.create_task(donor.run())
+                    return
+            if loop.time() >= deadline:
                 return
-        donor.task = asyncio.create_task(donor.run())
+            retries += 1
+            await asyncio.sleep(random.uniform(0.5, 1.5) * min(30.0, 2.0**attempt))
 
     await asyncio.gather(*(one(d) for d in donors))
-    return sum(d.alive for d in donors), errors
+    return sum(d.alive for d in donors), retries, errors
 
 
 def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str]) -> None:
@@ -359,7 +375,9 @@ async def amain(args: argparse.Namespace) -> None:
         command = await commands.get()
         if command == "connect":
             started = time.monotonic()
-            ok, errors = await connect_all(donors, args.connect_concurrency, shared)
+            ok, retries, errors = await connect_all(
+                donors, args.connect_concurrency, args.connect_deadline
+            )
             # The generator is the instrument, not the subject: its own full garbage
             # collections (hundreds of ms with thousands of channels) would show up as
             # ack latency. Freeze what exists and leave the oldest generation alone.
@@ -370,6 +388,7 @@ async def amain(args: argparse.Namespace) -> None:
                 "connected",
                 ok=ok,
                 failed=len(donors) - ok,
+                retries=retries,
                 errors=dict(errors),
                 seconds=round(time.monotonic() - started, 2),
             )
@@ -436,6 +455,9 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to that core")
     parser.add_argument("--enroll-concurrency", type=int, default=16)
     parser.add_argument("--connect-concurrency", type=int, default=50)
+    parser.add_argument(
+        "--connect-deadline", type=float, default=600.0, help="seconds to get every donor in"
+    )
     args = parser.parse_args()
     if args.cpu is not None:
         # Before grpc starts its threads, so they inherit the affinity.
