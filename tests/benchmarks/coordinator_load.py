@@ -566,6 +566,23 @@ def _package(frame: str) -> str:
     return parts[0].removesuffix(".py") or "?"
 
 
+def ack_percentiles(latencies: list[float], unanswered: int) -> dict[str, float | None]:
+    """p50/p99 over every report of the window, the unanswered ones as the slowest;
+    None where the percentile falls on an unanswered report (the coordinator is behind
+    by more than the grace period, so there is no figure to give)."""
+    if not latencies and not unanswered:
+        return {"p50": None, "p99": None}
+    if not unanswered:
+        return p50_p99(latencies)
+    ordered = sorted(latencies)
+    total = len(ordered) + unanswered
+    result: dict[str, float | None] = {}
+    for name, pct in (("p50", 50.0), ("p99", 99.0)):
+        rank = min(total - 1, max(0, round(pct / 100 * total + 0.5) - 1))  # as stats.py
+        result[name] = round(ordered[rank], 2) if rank < len(ordered) else None
+    return result
+
+
 def stall_clusters(windows: list[dict[str, Any]], gap_s: float = 0.25) -> list[dict[str, Any]]:
     """Slow acks (arrival time in the window, ms) grouped where arrivals are < gap_s
     apart: a stall seen by every worker at once is the coordinator's (or the machine's);
@@ -700,6 +717,7 @@ def run_once(
             raise RuntimeError(f"the coordinator died:\n{coordinator.log_tail()}")
 
     latencies = [x for w in windows for x in w["latencies_ms"]]
+    unanswered = sum(w["unanswered"] for w in windows)
     acks = sum(w["acks"] for w in windows)
     stream_errors: Counter[str] = Counter()
     for w in windows:
@@ -712,10 +730,12 @@ def run_once(
         "connected_min": int(min(connected_seen)),
         "updates_per_s": round(acks / args.window, 1),
         "expected_updates_per_s": round(expected, 1),
-        "ack_ms": p50_p99(latencies) if latencies else {"p50": None, "p99": None},
-        "ack_ms_max": round(max(latencies), 2) if latencies else None,
+        "ack_ms": ack_percentiles(latencies, unanswered),
+        "ack_ms_max": round(max(latencies), 2) if latencies and not unanswered else None,
         "reports_sent": sum(w["sent"] for w in windows),
-        "unanswered": sum(w["unanswered"] for w in windows),
+        # Reports of the window still without an ack 5 s after it: they count as slower
+        # than any answered one, and a percentile that falls on them is null.
+        "unanswered": unanswered,
         "rss_mib": round(rss_peak, 1),
         "cpu_percent_of_core": round(100 * coord_cpu / seconds, 1),
         "coordinator_threads_cpu_percent": threads,

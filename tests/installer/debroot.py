@@ -99,7 +99,9 @@ class DebRoot:
         )
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", *argv]
 
-    def run(self, argv: list[str], env: Mapping[str, str] | None = None, timeout: float = 300) -> Result:
+    def run(
+        self, argv: list[str], env: Mapping[str, str] | None = None, timeout: float = 300
+    ) -> Result:
         """Run `argv` in the root; its stdout and stderr together."""
         done = subprocess.run(
             self.command(argv),

@@ -35,7 +35,7 @@ def _build(kind: str, version: str, command: list[str], name: str) -> Path:
         if not target.exists():
             env = dict(os.environ, DONOR_PAYLOAD_CACHE=str(cache_dir() / "payload"))
             done = subprocess.run(
-                command + ["--version", version, "--out", str(out)],
+                [*command, "--version", version, "--out", str(out)],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -47,12 +47,13 @@ def _build(kind: str, version: str, command: list[str], name: str) -> Path:
     return target
 
 
-def deb(version: str) -> Path:
-    """donor-app_<version>_amd64.deb (gzip: quicker to build than the release's xz)."""
+def deb(version: str, compress: str = "gzip") -> Path:
+    """donor-app_<version>_amd64.deb (gzip: quicker to build than the release's xz;
+    "none" quicker still, for packages that only test the maintainer scripts)."""
     return _build(
         "deb",
         version,
-        [str(INSTALLER / "build-deb"), "--compress", "gzip"],
+        [str(INSTALLER / "build-deb"), "--compress", compress],
         f"donor-app_{version}_amd64.deb",
     )
 
