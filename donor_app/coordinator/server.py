@@ -11,6 +11,7 @@ written to `endpoints.json` in the data dir so the admin CLI and tests find them
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from donor_app.coordinator.enrollment import CoordinatorTls, prepare_tls
 from donor_app.coordinator.fleet import Fleet, FleetConfig, utc_now
+from donor_app.coordinator.gc_policy import freeze_periodically
 from donor_app.coordinator.images import CHUNK_BYTES, ImageStore
 from donor_app.coordinator.metrics import Metrics
 from donor_app.coordinator.servicers import AdminServicer, CoordinatorServicer
@@ -117,6 +119,7 @@ class CoordinatorServer:
         self._server: aio.Server | None = None
         self._health = HealthServicer()
         self.endpoints: Endpoints | None = None
+        self._gc_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Endpoints:
         options = self.options
@@ -165,6 +168,7 @@ class CoordinatorServer:
         )
         await server.start()
         self._server = server
+        self._gc_task = asyncio.create_task(freeze_periodically())
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics_port = None
@@ -193,6 +197,10 @@ class CoordinatorServer:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self._health.enter_graceful_shutdown()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            await asyncio.gather(self._gc_task, return_exceptions=True)
+            gc.unfreeze()  # what was frozen can be collected again
         if self.fleet is not None:
             await self.fleet.stop()
         if self._server is not None:
