@@ -87,11 +87,14 @@ TARGETS = {"donors": 10_000, "updates_per_s": 2_000, "p99_ms": 50.0, "rss_mib": 
 MIB = 1024 * 1024
 # Window edges: an ack counted by arrival time may fall just outside; allow 1 %.
 RATE_TOLERANCE = 0.99
-# Runs a program pinned to one core with the fd limit raised (no preexec_fn: this
-# process has threads). argv: core, program, args...
+# Runs a program pinned to one core with the fd limit raised, and terminated should this
+# process die (PR_SET_PDEATHSIG survives exec). No preexec_fn: this process has threads.
+# argv: core ('' for none), program, args...
 _PINNED = (
-    "import os, resource, sys\n"
-    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "import ctypes, os, resource, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if sys.argv[1]:\n"
+    "    os.sched_setaffinity(0, {int(sys.argv[1])})\n"
     "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
     "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
@@ -174,9 +177,7 @@ class ProbeNotes:
 
 def pinned(core: int | None, argv: list[str]) -> list[str]:
     program = shutil.which(argv[0]) or argv[0]
-    if core is None:
-        return [program, *argv[1:]]
-    return [sys.executable, "-c", _PINNED, str(core), program, *argv[1:]]
+    return [sys.executable, "-c", _PINNED, "" if core is None else str(core), program, *argv[1:]]
 
 
 # --- the coordinator --------------------------------------------------------------------
