@@ -34,7 +34,7 @@ p99 ≤ 50 ms, RSS ≤ 1 GiB; `targets_met` is judged on the runs with 10,000 do
 
     python tests/benchmarks/coordinator_load.py [--donors 1000,5000,10000]
         [--stores sqlite,postgresql] [--window 30] [--warmup 10] [--interval 5]
-        [--donors-per-worker 2500] [--profile-dir DIR] [--work-dir DIR] [--quick]
+        [--donors-per-worker 5000] [--profile-dir DIR] [--work-dir DIR] [--quick]
         [--coordinator-gc T0,T1,T2] [--coordinator-switch-interval S]
 
 --quick is a smoke run (500 donors, 10 s window, 5 s warm-up). --profile-dir records
@@ -55,6 +55,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -834,7 +835,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=None, help="seconds (default 30)")
     parser.add_argument("--warmup", type=float, default=None, help="seconds (default 10)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between reports")
-    parser.add_argument("--donors-per-worker", type=int, default=2500)
+    parser.add_argument("--donors-per-worker", type=int, default=5000)
     parser.add_argument("--coordinator-core", type=int, default=0)
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--setup-timeout", type=float, default=900.0, help="enroll/connect")
@@ -883,6 +884,13 @@ def main() -> int:
     else:
         os.sched_setaffinity(0, {args.generator_core})  # this process samples, mostly idle
     raise_fd_limit()
+
+    def stop(signum: int, _frame: object) -> None:
+        # Unwinds through every `finally`: the coordinator, workers and PostgreSQL stop.
+        raise SystemExit(f"coordinator_load: stopped by signal {signal.Signals(signum).name}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     if args.profile_dir is not None:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
 
