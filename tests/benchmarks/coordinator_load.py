@@ -134,9 +134,10 @@ class ProbeNotes:
                 notes.lag_samples += int(fields[1])
         return notes
 
-    def loop_lag(self) -> dict[str, Any]:
+    def loop_lag(self, seconds: float) -> dict[str, Any]:
         """How late the coordinator's loop woke from a 10 ms sleep (a busy or blocked
-        loop delays every ack by as much)."""
+        loop delays every ack by as much). `stall_wait_p99_ms` is the coordinator's own
+        share of the ack p99, whatever the generator adds: see stall_wait_percentile."""
         samples = max(1, self.lag_samples)
         over_50 = [lag for lag in self.lags if lag[1] > 50]
 
@@ -148,6 +149,10 @@ class ProbeNotes:
 
         return {
             "samples": self.lag_samples,
+            "stall_wait_p99_ms": stall_wait_percentile([lag[1] for lag in self.lags], seconds, 99),
+            "stalled_over_50ms_percent_of_time": round(
+                100 * sum(ms for _, ms in over_50) / 1000 / seconds, 2
+            ),
             "over_5ms_percent": round(100 * len(self.lags) / samples, 2),
             "over_50ms_percent": round(100 * len(over_50) / samples, 2),
             "over_50ms_during_flush": sum(during_flush(at, ms) for at, ms in over_50),
@@ -174,6 +179,24 @@ class ProbeNotes:
             "max_ms": max(ms, default=None),
             "busy_percent": round(100 * busy / seconds, 1),
         }
+
+
+def stall_wait_percentile(stalls_ms: list[float], seconds: float, pct: float) -> float:
+    """The pct-th percentile of how long a message arriving at a uniformly random moment
+    waits for the event loop to come back from a stall (stalls ≥ 5 ms; shorter waits
+    count as 0). A stall of L ms makes arrivals wait between 0 and L, so
+    P(wait > d) = Σ max(0, L − d) / window; solved for P = 1 − pct/100."""
+    budget = (1 - pct / 100) * seconds * 1000
+    if sum(stalls_ms) <= budget:
+        return 0.0
+    low, high = 0.0, max(stalls_ms)
+    for _ in range(50):
+        middle = (low + high) / 2
+        if sum(max(0.0, stall - middle) for stall in stalls_ms) > budget:
+            low = middle
+        else:
+            high = middle
+    return round(high, 1)
 
 
 def pinned(core: int | None, argv: list[str]) -> list[str]:
@@ -765,7 +788,7 @@ def run_once(
         "stalls": {
             "acks_over_50ms": sum(len(w["slow"]) for w in windows),
             "clusters": stall_clusters(windows),
-            "coordinator_loop_lag": probe.loop_lag(),
+            "coordinator_loop_lag": probe.loop_lag(args.window),
             "coordinator_gc": gc_summary(probe.gc),
             "coordinator_flush": probe.flush_summary(args.window),
             "generator_gc": [gc_summary(w["gc_pauses"]) for w in windows],
@@ -886,7 +909,12 @@ def main() -> int:
     raise_fd_limit()
 
     def stop(signum: int, _frame: object) -> None:
-        # Unwinds through every `finally`: the coordinator, workers and PostgreSQL stop.
+        # Who else was running (the sender may still be), then unwind through every
+        # `finally`: the coordinator, workers and PostgreSQL stop.
+        ps = subprocess.run(
+            ["ps", "-eo", "pid,ppid,etime,args"], capture_output=True, text=True, check=False
+        )
+        log.error("processes at the signal:\n%s", ps.stdout)
         raise SystemExit(f"coordinator_load: stopped by signal {signal.Signals(signum).name}")
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

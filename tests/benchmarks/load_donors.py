@@ -21,8 +21,8 @@ client-side latency from just before the write to the ack's arrival (ms), and wh
 slow ones (> 50 ms) arrived; reports of the window still unanswered after the grace
 period; streams still open; this process's CPU, GC pauses and loop lag (a generator too
 busy to read its acks adds to the latencies it measures). After connecting, the worker
-freezes its heap and stops full collections, so that its own GC does not pose as the
-coordinator's latency.
+freezes its heap and stops full collections, and it does not collect at all during the
+window, so that its own GC does not pose as the coordinator's latency.
 """
 
 from __future__ import annotations
@@ -396,6 +396,10 @@ async def amain(args: argparse.Namespace) -> None:
             _, t0, t1 = command.split()
             window = Window(float(t0), float(t1))
             shared.window = window
+            # No collections at all in the window: even young ones took up to ~300 ms
+            # here with the generator's core near saturation. What cyclic garbage the
+            # window leaves (tens of MiB) is collected after it.
+            gc.disable()
             lags: list[float] = []
             watcher = asyncio.create_task(watch_loop(window, lags))
             await asyncio.sleep(max(0.0, window.start - loop.time()))
@@ -409,6 +413,7 @@ async def amain(args: argparse.Namespace) -> None:
             while loop.time() < deadline and len(window.latencies) < window.sent:
                 await asyncio.sleep(0.05)
             shared.window = None
+            gc.enable()
             emit(
                 "window",
                 acks=window.acks,
