@@ -82,6 +82,14 @@ def _agent_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coordinator-ca", type=Path, help="the coordinator's CA certificate")
     parser.add_argument("--enroll-address", metavar="HOST:PORT", help="default: HOST:7444")
     parser.add_argument("--enroll-token", help="enrollment token (used once)")
+    parser.add_argument(
+        "--migration-libvirt-uri",
+        metavar="URI",
+        help="this host's libvirt as other donors reach it, to receive live migrations",
+    )
+    parser.add_argument(
+        "--migration-uri", metavar="tcp://HOST", help="where migration streams connect"
+    )
     parser.add_argument("--user-agent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -102,7 +110,13 @@ def _link_config(args: argparse.Namespace) -> LinkConfig | None:
         data["enroll_address"] = args.enroll_address
     if args.enroll_token:
         data["token"] = args.enroll_token
-    return parse_link_config({"coordinator": data}, flags)
+    tables: dict[str, object] = {"coordinator": data}
+    if args.migration_libvirt_uri or args.migration_uri:
+        tables["migration"] = {
+            "libvirt_uri": args.migration_libvirt_uri or "",
+            "migrate_uri": args.migration_uri or "",
+        }
+    return parse_link_config(tables, flags)
 
 
 def _agent_options(args: argparse.Namespace) -> AgentOptions:

@@ -169,7 +169,9 @@ def _start_link(options: AgentOptions, hv: Hypervisor, engine: Engine) -> Coordi
     if config is None:
         log.info("no coordinator configured: donating to local guests only")
         return None
-    workloads = FleetWorkloads(hv, options.paths.data_dir / "fleet-workloads.json", engine.call)
+    workloads = FleetWorkloads(
+        hv, options.paths.data_dir / "fleet-workloads.json", engine.call, config.migration
+    )
     link = CoordinatorLink(
         config,
         CredentialStore(options.paths.data_dir),

@@ -130,6 +130,15 @@ class AdminClient:
             raise self._error(error) from None
         return reply
 
+    def history(self, workload_id: str) -> pb.WorkloadHistoryResponse:
+        try:
+            reply: pb.WorkloadHistoryResponse = self._stub.WorkloadHistory(
+                pb.WorkloadRef(id=workload_id), timeout=self._timeout
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return reply
+
     def donors(self) -> list[pb.Donor]:
         try:
             reply: pb.ListDonorsResponse = self._stub.ListDonors(

@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from donor_app.coordinator.enrollment import EnrollmentError
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.coordinator.server import CoordinatorServer, Endpoints, ServeOptions
 from donor_app.coordinator.store.ports import StoreError
+from donor_app.domain.link import MigrationLimits
 from donor_app.logs import configure
 from donor_app.proto.serde import moment
 from donor_app.proto.v1 import coordinator_pb2 as pb
@@ -54,6 +55,51 @@ def duration(text: str) -> timedelta:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h or 7d")
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _bounded_int(flag: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{flag}: {value} is outside {low}–{high}")
+        return value
+
+    return parse
+
+
+def _add_move_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--migration-bandwidth",
+        type=_bounded_int("--migration-bandwidth", 0, 100_000),
+        default=0,
+        metavar="MIB_PER_S",
+        help="cap on a live migration's stream (0: unlimited, the default)",
+    )
+    serve.add_argument(
+        "--migration-max-downtime",
+        type=_bounded_int("--migration-max-downtime", 1, 60_000),
+        default=100,
+        metavar="MS",
+        help="longest pause a live migration may cause (default: %(default)s ms)",
+    )
+    serve.add_argument(
+        "--migration-deadline",
+        type=duration,
+        default=timedelta(seconds=60),
+        help="a live migration not done by then is aborted and the move goes cold",
+    )
+    serve.add_argument(
+        "--migration-tls", action="store_true", help="encrypt migration streams (libvirt TLS)"
+    )
+    serve.add_argument(
+        "--checkpoint-interval",
+        type=duration,
+        default=timedelta(minutes=15),
+        help="checkpoint running workloads this often (0s: never; default 15m)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--lease-ttl", type=duration, default=timedelta(seconds=30))
     serve.add_argument("--report-interval", type=duration, default=timedelta(seconds=5))
+    _add_move_options(serve)
 
     token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="action", required=True
@@ -117,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     workload.add_parser("list", help="all workloads, where they run", parents=[output])
     cancel = workload.add_parser("cancel", help="stop a workload everywhere", parents=[output])
     cancel.add_argument("id")
+    history = workload.add_parser(
+        "history", help="where a workload ran and how it moved", parents=[output]
+    )
+    history.add_argument("id")
 
     donor = commands.add_parser("donor", help="donors").add_subparsers(dest="action", required=True)
     donor.add_parser("list", help="enrolled donors", parents=[output])
@@ -134,7 +185,17 @@ def _serve(args: argparse.Namespace, data_dir: Path) -> int:
         metrics_listen=args.metrics_listen or None,
         store_url=args.store_url,
         hostnames=tuple(dict.fromkeys(["localhost", "127.0.0.1", *args.hostname])),
-        fleet=FleetConfig(lease_ttl=args.lease_ttl, report_interval=args.report_interval),
+        fleet=FleetConfig(
+            lease_ttl=args.lease_ttl,
+            report_interval=args.report_interval,
+            migration=MigrationLimits(
+                bandwidth_mibps=args.migration_bandwidth,
+                max_downtime_ms=args.migration_max_downtime,
+                deadline_s=max(1, int(args.migration_deadline.total_seconds())),
+                tls=args.migration_tls,
+            ),
+            checkpoint_interval=args.checkpoint_interval or None,
+        ),
     )
 
     async def run() -> None:
@@ -217,6 +278,15 @@ def _print_workloads(workloads: Sequence[pb.Workload], as_json: bool) -> None:
             "vcpus": w.spec.vcpus,
             "memory_mib": w.spec.memory_mib,
             "detail": w.detail,
+            "checkpoint": {
+                "sha256": w.checkpoint.sha256,
+                "size": w.checkpoint.size,
+                "epoch": w.checkpoint.epoch,
+                "taken_at": moment(w.checkpoint.taken_at).isoformat(),
+                "donor": w.checkpoint.donor_id,
+            }
+            if w.HasField("checkpoint")
+            else None,
         }
         for w in workloads
     ]
@@ -228,6 +298,29 @@ def _print_workloads(workloads: Sequence[pb.Workload], as_json: bool) -> None:
         print(
             f"{r['id']:<20} {r['name']:<16} {r['state']:<13} {r['donor'] or '-':<20}"
             f" {r['epoch']:>5}  {r['detail']}"
+        )
+
+
+def _print_history(reply: pb.WorkloadHistoryResponse, as_json: bool) -> None:
+    rows = [
+        {
+            "at": moment(e.at).isoformat(),
+            "kind": e.kind,
+            "donor": e.donor_id,
+            "epoch": e.epoch,
+            "detail": e.detail,
+        }
+        for e in reply.events
+    ]
+    if as_json:
+        print(json.dumps({"workload": reply.workload.id, "events": rows}, indent=2))
+        return
+    _print_workloads([reply.workload], as_json=False)
+    print()
+    print(f"{'AT':<26} {'EVENT':<20} {'DONOR':<20} {'EPOCH':>5}  DETAIL")
+    for r in rows:
+        print(
+            f"{r['at']:<26} {r['kind']:<20} {r['donor'] or '-':<20} {r['epoch']:>5}  {r['detail']}"
         )
 
 
@@ -290,6 +383,8 @@ def _admin(args: argparse.Namespace, data_dir: Path) -> int:
             print(workload.id if not args.json else json.dumps({"id": workload.id}))
         elif args.command == "workload" and args.action == "list":
             _print_workloads(client.workloads(), args.json)
+        elif args.command == "workload" and args.action == "history":
+            _print_history(client.history(args.id), args.json)
         elif args.command == "workload":
             _print_workloads([client.cancel(args.id)], args.json)
         elif args.action == "list":

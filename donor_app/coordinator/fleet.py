@@ -9,8 +9,11 @@ donors were told.
 
 Leases and fencing (DESIGN.md): each assignment has an epoch; the donor's reports renew
 the lease of what it holds at that epoch. A workload whose lease ends is requeued and
-its next assignment gets epoch + 1; a donor that later reports the old epoch is told to
-stop its copy. A donor reporting a workload it was never given is refused outright.
+its next assignment gets a newer epoch (restoring from its latest checkpoint, if it has
+one); a donor that later reports the old epoch is told to stop its copy. A donor
+reporting a workload it was never given is refused outright.
+
+Moves between donors (live, cold, or to nowhere) are described in moves.py.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -36,6 +39,13 @@ from donor_app.coordinator.model import (
     WorkloadEvent,
     WorkloadRecord,
     WorkloadState,
+)
+from donor_app.coordinator.moves import (
+    MIGRATE_EVENT,
+    Move,
+    Phase,
+    arrived_by_migration,
+    next_epoch,
 )
 from donor_app.coordinator.session import Code, DonorSession, Refused
 from donor_app.coordinator.store.ports import Conflict, Store
@@ -74,6 +84,14 @@ class FleetConfig:
     report_interval: timedelta = timedelta(seconds=5)
     flush_interval: timedelta = timedelta(seconds=1)
     placement_interval: timedelta = timedelta(seconds=1)
+    # Live migration: bandwidth cap, downtime, and the deadline after which the source
+    # aborts (the guest stays there) and the move goes cold.
+    migration: link.MigrationLimits = field(default_factory=link.MigrationLimits)
+    # How long a cold move (save, upload, restore) may take before it is given up.
+    cold_move_deadline: timedelta = timedelta(minutes=5)
+    # Running workloads are checkpointed this often (None: never), so a lost donor's
+    # workload restarts elsewhere from a recent state.
+    checkpoint_interval: timedelta | None = timedelta(minutes=15)
 
 
 def _demand(record: WorkloadRecord) -> Demand:
@@ -97,9 +115,13 @@ class Fleet:
         images: ImageStore,
         config: FleetConfig | None = None,
         clock: Clock = utc_now,
+        checkpoints: ImageStore | None = None,
     ) -> None:
         self.store = store
         self.images = images
+        # Checkpoints are guest memory: kept apart from images and served only to the
+        # donor a workload is assigned to (PullCheckpoint checks).
+        self.checkpoints = checkpoints or ImageStore(images.root / "checkpoints")
         self.config = config or FleetConfig()
         self._clock = clock
         self._sessions: dict[str, DonorSession] = {}
@@ -114,6 +136,12 @@ class Fleet:
         self._wake_placement = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._moves: dict[str, Move] = {}
+        # The newest epoch any assignment or move attempt used, per workload: a new one
+        # is always above it (so two attempts never share an epoch).
+        self._epoch_floor: dict[str, int] = {}
+        # Periodic checkpoints: when each (workload, epoch) was first seen running.
+        self._running_since: dict[tuple[str, int], datetime] = {}
         # After a restart, donors need a moment to reconnect and renew: no lease
         # expires before one TTL has passed since start.
         self._grace_until = self._clock()
@@ -131,6 +159,8 @@ class Fleet:
         active = [s for s in WorkloadState if s not in FINAL_STATES]
         for record in await self._io(self.store.list_workloads, active):
             self._workloads[record.workload_id] = record
+            events = await self._io(self.store.workload_events, record.workload_id)
+            self._epoch_floor[record.workload_id] = next_epoch(record.epoch, events) - 1
         self._tasks = [
             asyncio.create_task(self._every(self.config.flush_interval, self.flush)),
             asyncio.create_task(self._placement_loop()),
@@ -282,9 +312,9 @@ class Fleet:
                     record.workload_id, session.donor_id, record.epoch, lease_until
                 )
                 self._note_guest_state(record, guest)
-            elif guest.workload_id not in session.fencing and guest.state not in (
-                link.GuestState.STOPPED,
-            ):
+            elif guest.state is link.GuestState.STOPPED:
+                self._clean_stopped_copy(session, record, guest)
+            elif guest.workload_id not in session.fencing:
                 session.fencing.add(guest.workload_id)
                 self._spawn(self._fence(session, guest))
         session.send(link.Ack(event_seq=seq, lease_until=lease_until))
@@ -302,12 +332,32 @@ class Fleet:
         if capacity.idle:
             sums[1] += seconds
 
-    def _note_guest_state(self, record: WorkloadRecord, guest: link.GuestReport) -> None:
-        if record.state is WorkloadState.EVACUATING and guest.state in (
-            link.GuestState.RUNNING,
-            link.GuestState.PAUSED,
+    def _clean_stopped_copy(
+        self, session: DonorSession, record: WorkloadRecord | None, guest: link.GuestReport
+    ) -> None:
+        """A donor holds a stopped copy it is not the holder of (a prepared migration that
+        never arrived, a fenced copy): tell it once to forget it — unless a move to it may
+        still be under way."""
+        move = self._moves.get(guest.workload_id)
+        if move is not None and move.target == session.donor_id:
+            return
+        if (
+            record is not None
+            and record.state is WorkloadState.EVACUATING
+            and guest.epoch > record.epoch
         ):
-            return  # still waiting for the donor to act on the evacuation
+            return  # a move target from before a restart: left until the move is over
+        key = (guest.workload_id, guest.epoch)
+        if key in session.cleaned:
+            return
+        session.cleaned.add(key)
+        session.send(link.StopWorkload(guest.workload_id, guest.epoch, "not held by this donor"))
+
+    def _note_guest_state(self, record: WorkloadRecord, guest: link.GuestReport) -> None:
+        if guest.state is link.GuestState.RUNNING:
+            self._running_since.setdefault((record.workload_id, record.epoch), self._clock())
+        if record.state is WorkloadState.EVACUATING and guest.state is not link.GuestState.FAILED:
+            return  # a move is under way: its commands' results decide the next state
         if guest.state is link.GuestState.FAILED:
             new_state = WorkloadState.FAILED
         else:
@@ -368,6 +418,11 @@ class Fleet:
                 return
             if record.donor_id == session.donor_id and record.epoch == guest.epoch:
                 return  # renewed meanwhile (a race with a reassignment that failed)
+            if record.state not in FINAL_STATES and arrived_by_migration(
+                session.donor_id, guest, record.epoch, events
+            ):
+                await self._adopt_arrival(session, guest)
+                return
             if await self._readopt(session, record, guest, events):
                 return
             reason = (
@@ -400,7 +455,11 @@ class Fleet:
         ):
             return False
         state = _REPORTED.get(guest.state)
-        if state is None:
+        if state is None or (
+            guest.state is link.GuestState.CHECKPOINTED and record.checkpoint is not None
+        ):
+            # A saved copy whose checkpoint the coordinator has: placement restores it
+            # wherever there is room; the donor's own copy goes.
             return False
         async with self._lock:
             current = self._workloads.get(record.workload_id)
@@ -438,9 +497,13 @@ class Fleet:
         donor) for assignments the donor does not report yet."""
         for record in self.held_by(session.donor_id):
             if record.workload_id not in reported and record.state is WorkloadState.ASSIGNED:
-                session.send(
-                    link.RunWorkload(record.workload_id, record.epoch, record.spec, record.priority)
-                )
+                session.send(self._run_command(record))
+
+    @staticmethod
+    def _run_command(record: WorkloadRecord) -> link.RunWorkload:
+        return link.RunWorkload(
+            record.workload_id, record.epoch, record.spec, record.priority, record.checkpoint
+        )
 
     # --- reclaim and command results ------------------------------------------------------
 
@@ -482,74 +545,103 @@ class Fleet:
                         workload_id,
                     )
                     continue
-                if record.state in (WorkloadState.EVACUATING, WorkloadState.CHECKPOINTED):
+                if record.workload_id in self._moves or record.state is WorkloadState.CHECKPOINTED:
                     continue  # already answered
                 await self._evacuate(session, record, message.reason)
 
+    async def _next_epoch(self, record: WorkloadRecord) -> int:
+        floor = self._epoch_floor.get(record.workload_id)
+        if floor is None:
+            events = await self._io(self.store.workload_events, record.workload_id)
+            floor = next_epoch(record.epoch, events) - 1
+        epoch = max(floor, record.epoch) + 1
+        self._epoch_floor[record.workload_id] = epoch
+        return epoch
+
     async def _evacuate(self, session: DonorSession, record: WorkloadRecord, reason: str) -> None:
+        """Under the lock: start moving `record` off `session`'s donor — live to the best
+        idle donor, or (no donor has room) checkpoint it and requeue it."""
         now = self._clock()
         target = evacuation_target(
             _demand(record), self._offers(exclude=[session.donor_id]), session.donor_id
         )
-        if target is None:
-            event = WorkloadEvent(
-                record.workload_id,
-                now,
-                "checkpoint-requested",
-                session.donor_id,
-                record.epoch,
-                f"{reason}: no donor has room",
+        target_session = self._sessions.get(target) if target else None
+        if target is None or target_session is None:
+            updated = await self._write(
+                record,
+                event=WorkloadEvent(
+                    record.workload_id,
+                    now,
+                    "checkpoint-requested",
+                    session.donor_id,
+                    record.epoch,
+                    f"{reason}: no donor has room",
+                ),
+                state=WorkloadState.EVACUATING,
+                detail="saving: no donor has room",
             )
-            await self._io(
-                self.store.update_workload,
-                record.workload_id,
-                expected_epoch=record.epoch,
-                event=event,
-                now=now,
-            )
-            session.send(link.Checkpoint(record.workload_id, record.epoch))
+            if updated is not None:
+                self._moves[record.workload_id] = Move(
+                    record.workload_id,
+                    session.donor_id,
+                    record.epoch,
+                    None,
+                    0,
+                    Phase.SAVING,
+                    now,
+                    now + self.config.cold_move_deadline,
+                    reason,
+                )
+                session.send(link.Checkpoint(record.workload_id, record.epoch, upload=True))
             return
+        target_epoch = await self._next_epoch(record)
         updated = await self._write(
             record,
+            # donor_id = the target: this event is what lets the target be adopted as the
+            # holder if it reports the guest running at target_epoch (moves.py).
             event=WorkloadEvent(
                 record.workload_id,
                 now,
-                "evacuate",
-                session.donor_id,
-                record.epoch,
-                f"{reason}: to donor {target}",
+                MIGRATE_EVENT,
+                target,
+                target_epoch,
+                f"{reason}: from donor {session.donor_id}",
             ),
             state=WorkloadState.EVACUATING,
             detail=f"moving to {target}",
         )
-        if updated is not None:
-            session.send(link.Evacuate(record.workload_id, record.epoch, target))
+        if updated is None:
+            return
+        limits = self.config.migration
+        self._moves[record.workload_id] = Move(
+            record.workload_id,
+            session.donor_id,
+            record.epoch,
+            target,
+            target_epoch,
+            Phase.PREPARING,
+            now,
+            now + timedelta(seconds=limits.deadline_s + 60),
+            reason,
+        )
+        target_session.send(
+            link.PrepareMigration(record.workload_id, target_epoch, record.spec, session.donor_id)
+        )
 
     async def _on_result(self, session: DonorSession, result: link.CommandResult) -> None:
         command = session.pending.pop(result.command_seq, None)
-        if command is None or result.ok:
+        if command is None:
             return
-        log.info("donor %s: command %s failed: %s", session.donor_id, command, result.error)
+        if not result.ok:
+            log.info("donor %s: command %s failed: %s", session.donor_id, command, result.error)
         async with self._lock:
-            if isinstance(command, link.Evacuate):
-                record = self._workloads.get(command.workload_id)
-                if record is not None and record.epoch == command.epoch:
-                    # The move failed: free the donor's RAM instead (the ladder's next rung).
-                    await self._write(
-                        record,
-                        event=WorkloadEvent(
-                            record.workload_id,
-                            self._clock(),
-                            "evacuate-failed",
-                            session.donor_id,
-                            record.epoch,
-                            result.error,
-                        ),
-                        state=WorkloadState.PAUSED,
-                        detail=result.error,
-                    )
-                    session.send(link.Checkpoint(record.workload_id, record.epoch))
-            elif isinstance(command, link.RunWorkload):
+            if isinstance(command, link.PrepareMigration):
+                await self._on_prepared(command, result)
+            elif isinstance(command, link.Evacuate):
+                await self._on_migrated(command, result)
+            elif isinstance(command, link.Checkpoint):
+                await self._on_checkpointed(session, command, result)
+            elif isinstance(command, link.RunWorkload) and not result.ok:
                 record = self._workloads.get(command.workload_id)
                 if record is not None and record.epoch == command.epoch:
                     await self._write(
@@ -565,6 +657,341 @@ class Fleet:
                         state=WorkloadState.FAILED,
                         detail=result.error,
                     )
+
+    def _current_move(self, workload_id: str, phase: Phase, epoch: int) -> Move | None:
+        """The move a command result belongs to, if it is still the one under way."""
+        move = self._moves.get(workload_id)
+        record = self._workloads.get(workload_id)
+        if (
+            move is None
+            or move.phase is not phase
+            or record is None
+            or record.epoch != move.source_epoch
+            or epoch not in (move.source_epoch, move.target_epoch)
+        ):
+            return None
+        return move
+
+    async def _on_prepared(
+        self, command: link.PrepareMigration, result: link.CommandResult
+    ) -> None:
+        move = self._current_move(command.workload_id, Phase.PREPARING, command.epoch)
+        if move is None:
+            return
+        if not result.ok or result.prepared is None:
+            await self._go_cold(move, f"the target could not prepare: {result.error}")
+            return
+        source = self._sessions.get(move.source)
+        if source is None:
+            return  # the source is gone: its lease decides (sweep)
+        move.phase = Phase.MIGRATING
+        source.send(
+            link.Evacuate(
+                move.workload_id,
+                move.source_epoch,
+                move.target or "",
+                result.prepared,
+                move.target_epoch,
+                self.config.migration,
+            )
+        )
+
+    async def _on_migrated(self, command: link.Evacuate, result: link.CommandResult) -> None:
+        move = self._current_move(command.workload_id, Phase.MIGRATING, command.epoch)
+        if move is None:
+            return
+        if not result.ok:
+            await self._go_cold(move, f"live migration failed: {result.error}")
+            return
+        report = result.migration
+        detail = f"live from donor {move.source}" + (
+            f" in {report.seconds:.1f} s, downtime {report.downtime_ms:.0f} ms" if report else ""
+        )
+        await self._finish_arrival(move, move.target or "", move.target_epoch, detail)
+
+    async def _adopt_arrival(self, session: DonorSession, guest: link.GuestReport) -> None:
+        """A donor reports running a workload at the epoch of a live move to it: the move
+        completed (perhaps before a coordinator restart lost it)."""
+        async with self._lock:
+            record = self._workloads.get(guest.workload_id)
+            if record is None or record.epoch >= guest.epoch:
+                return
+            now = self._clock()
+            move = self._moves.get(guest.workload_id) or Move(
+                guest.workload_id,
+                record.donor_id or "",
+                record.epoch,
+                session.donor_id,
+                guest.epoch,
+                Phase.MIGRATING,
+                now,
+                now,
+                "",
+            )
+            if move.source_epoch != record.epoch or move.target_epoch != guest.epoch:
+                # Adopting an earlier attempt than the one under way: that one is moot.
+                move = Move(
+                    guest.workload_id,
+                    record.donor_id or "",
+                    record.epoch,
+                    session.donor_id,
+                    guest.epoch,
+                    Phase.MIGRATING,
+                    now,
+                    now,
+                    "",
+                )
+            await self._finish_arrival(
+                move,
+                session.donor_id,
+                guest.epoch,
+                f"live from donor {move.source} (reported running by the target)",
+                _REPORTED.get(guest.state, WorkloadState.RUNNING),
+            )
+
+    async def _finish_arrival(
+        self,
+        move: Move,
+        target: str,
+        epoch: int,
+        detail: str,
+        state: WorkloadState = WorkloadState.RUNNING,
+    ) -> None:
+        record = self._workloads.get(move.workload_id)
+        self._moves.pop(move.workload_id, None)
+        if record is None or record.epoch != move.source_epoch:
+            return
+        now = self._clock()
+        updated = await self._write(
+            record,
+            event=WorkloadEvent(move.workload_id, now, "moved", target, epoch, detail),
+            state=state,
+            donor_id=target,
+            epoch=epoch,
+            lease_until=now + self.config.lease_ttl,
+            detail=detail,
+        )
+        if updated is not None:
+            log.info("workload %s moved to donor %s: %s", move.workload_id, target, detail)
+
+    async def _go_cold(self, move: Move, why: str) -> None:
+        """The live attempt failed: the source saves and uploads; the target (told to
+        forget what it prepared) then restores the checkpoint."""
+        record = self._workloads.get(move.workload_id)
+        if record is None:
+            self._moves.pop(move.workload_id, None)
+            return
+        target = self._sessions.get(move.target or "")
+        if target is not None:
+            target.send(
+                link.StopWorkload(move.workload_id, move.target_epoch, "migration abandoned")
+            )
+        await self._write(
+            record,
+            event=WorkloadEvent(
+                move.workload_id, self._clock(), "migrate-failed", move.source, record.epoch, why
+            ),
+            detail=f"moving cold to {move.target}: {why}",
+        )
+        move.phase = Phase.SAVING
+        move.live_error = why
+        move.deadline = self._clock() + self.config.cold_move_deadline
+        source = self._sessions.get(move.source)
+        if source is not None:
+            source.send(link.Checkpoint(move.workload_id, move.source_epoch, upload=True))
+
+    async def _on_checkpointed(
+        self, session: DonorSession, command: link.Checkpoint, result: link.CommandResult
+    ) -> None:
+        if command.keep_running:
+            move = self._moves.get(command.workload_id)
+            if move is not None and move.phase is Phase.PERIODIC:
+                self._moves.pop(command.workload_id, None)  # nothing moves
+            return
+        move = self._current_move(command.workload_id, Phase.SAVING, command.epoch)
+        record = self._workloads.get(command.workload_id)
+        if move is None or record is None:
+            return
+        self._moves.pop(move.workload_id, None)
+        now = self._clock()
+        if not result.ok or record.checkpoint is None or record.checkpoint.epoch != record.epoch:
+            # Not saved (or not uploaded): the guest stays on its donor, whose reports say
+            # what it is now (running, paused, or saved on its own disk).
+            await self._write(
+                record,
+                event=WorkloadEvent(
+                    move.workload_id,
+                    now,
+                    "checkpoint-failed",
+                    session.donor_id,
+                    record.epoch,
+                    result.error,
+                ),
+                state=WorkloadState.PAUSED,
+                detail=f"could not move: {result.error or 'no checkpoint uploaded'}",
+            )
+            return
+        target = self._sessions.get(move.target or "")
+        if target is None:
+            await self._requeue(
+                record,
+                "checkpointed: no donor has room"
+                if move.target is None
+                else f"checkpointed; donor {move.target} went away",
+            )
+            return
+        epoch = await self._next_epoch(record)
+        updated = await self._write(
+            record,
+            event=WorkloadEvent(
+                move.workload_id,
+                now,
+                "moved-cold",
+                target.donor_id,
+                epoch,
+                f"from donor {move.source} through a checkpoint"
+                + (f" ({move.live_error})" if move.live_error else ""),
+            ),
+            state=WorkloadState.ASSIGNED,
+            donor_id=target.donor_id,
+            epoch=epoch,
+            lease_until=now + self.config.lease_ttl,
+            detail=f"restoring from a checkpoint on {target.donor_id}",
+        )
+        if updated is not None:
+            target.send(self._run_command(updated))
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def holder_check(self, donor_id: str, workload_id: str, epoch: int) -> WorkloadRecord:
+        """The workload, if `donor_id` holds it at `epoch`; Refused otherwise."""
+        record = self._workloads.get(workload_id)
+        if record is None:
+            raise Refused(Code.NOT_FOUND, f"workload_id: no active workload {workload_id}")
+        if record.donor_id != donor_id or record.epoch != epoch or record.state not in HELD_STATES:
+            raise Refused(
+                Code.PERMISSION_DENIED,
+                f"workload {workload_id} is not held by donor {donor_id} at epoch {epoch}",
+            )
+        return record
+
+    async def accept_checkpoint(
+        self, donor_id: str, workload_id: str, epoch: int, sha256: str, size: int
+    ) -> link.CheckpointInfo:
+        """A checkpoint was uploaded and verified: it becomes the workload's latest."""
+        async with self._lock:
+            record = self.holder_check(donor_id, workload_id, epoch)
+            now = self._clock()
+            info = link.CheckpointInfo(sha256, size, epoch, now, donor_id)
+            previous = record.checkpoint
+            updated = await self._write(
+                record,
+                event=WorkloadEvent(
+                    workload_id, now, "checkpoint", donor_id, epoch, f"{size / 2**20:.1f} MiB"
+                ),
+                checkpoint=info,
+            )
+            if updated is None:
+                raise Refused(Code.ABORTED, f"workload {workload_id} changed; checkpoint dropped")
+        if previous is not None and previous.sha256 != sha256:
+            self.checkpoints.path(previous.sha256).unlink(missing_ok=True)
+        return info
+
+    def checkpoint_to_pull(
+        self, donor_id: str, workload_id: str, epoch: int, sha256: str
+    ) -> link.CheckpointInfo:
+        record = self.holder_check(donor_id, workload_id, epoch)
+        if record.checkpoint is None or record.checkpoint.sha256 != sha256:
+            raise Refused(
+                Code.NOT_FOUND, f"sha256: {sha256} is not the latest checkpoint of {workload_id}"
+            )
+        return record.checkpoint
+
+    async def history(self, workload_id: str) -> tuple[WorkloadRecord, list[WorkloadEvent]]:
+        record = self._workloads.get(workload_id) or await self._io(
+            self.store.get_workload, workload_id
+        )
+        if record is None:
+            raise Refused(Code.NOT_FOUND, f"id: no workload {workload_id}")
+        return record, await self._io(self.store.workload_events, workload_id)
+
+    async def _sweep_moves(self, now: datetime) -> None:
+        """Moves past their deadline are given up (the guest stays at the source); a
+        workload left evacuating by a restart is released for its donor's next reclaim;
+        running workloads due a periodic checkpoint are asked for one."""
+        async with self._lock:
+            for move in [m for m in self._moves.values() if m.deadline < now]:
+                self._moves.pop(move.workload_id, None)
+                record = self._workloads.get(move.workload_id)
+                target = self._sessions.get(move.target or "")
+                if target is not None and move.live:
+                    target.send(
+                        link.StopWorkload(move.workload_id, move.target_epoch, "move timed out")
+                    )
+                if record is not None and record.state is WorkloadState.EVACUATING:
+                    await self._write(
+                        record,
+                        event=WorkloadEvent(
+                            move.workload_id,
+                            now,
+                            "move-abandoned",
+                            move.source,
+                            record.epoch,
+                            f"no answer by {move.deadline:%H:%M:%S} ({move.phase.value})",
+                        ),
+                        state=WorkloadState.PAUSED,
+                        detail="the move timed out; the guest stays on its donor",
+                    )
+            for record in list(self._workloads.values()):
+                if (
+                    record.state is WorkloadState.EVACUATING
+                    and record.workload_id not in self._moves
+                ):
+                    # Our restart lost the move; the donors' reports (or an arrival) tell
+                    # where the guest is, and its donor reclaims again if it must.
+                    await self._write(
+                        record,
+                        event=WorkloadEvent(
+                            record.workload_id,
+                            now,
+                            "move-interrupted",
+                            record.donor_id,
+                            record.epoch,
+                            "the coordinator restarted during the move",
+                        ),
+                        state=WorkloadState.PAUSED,
+                        detail="a move was interrupted by a coordinator restart",
+                    )
+        self._ask_periodic_checkpoints(now)
+
+    def _ask_periodic_checkpoints(self, now: datetime) -> None:
+        interval = self.config.checkpoint_interval
+        if interval is None:
+            return
+        for record in self._workloads.values():
+            if record.state is not WorkloadState.RUNNING or record.workload_id in self._moves:
+                continue
+            since = self._running_since.get((record.workload_id, record.epoch))
+            session = self._sessions.get(record.donor_id or "")
+            if since is None or session is None:
+                continue
+            last = record.checkpoint.taken_at if record.checkpoint is not None else since
+            if max(last, since) + interval > now:
+                continue
+            self._moves[record.workload_id] = Move(
+                record.workload_id,
+                session.donor_id,
+                record.epoch,
+                None,
+                0,
+                Phase.PERIODIC,
+                now,
+                now + self.config.cold_move_deadline,
+                "periodic checkpoint",
+            )
+            session.send(
+                link.Checkpoint(record.workload_id, record.epoch, upload=True, keep_running=True)
+            )
 
     # --- placement ------------------------------------------------------------------------
 
@@ -613,7 +1040,7 @@ class Fleet:
                 session = self._sessions.get(donor_id) if donor_id else None
                 if donor_id is None or session is None:
                     continue
-                epoch = record.epoch + 1
+                epoch = await self._next_epoch(record)
                 updated = await self._write(
                     record,
                     event=WorkloadEvent(record.workload_id, now, "placed", donor_id, epoch),
@@ -624,9 +1051,7 @@ class Fleet:
                     detail="",
                 )
                 if updated is not None:
-                    session.send(
-                        link.RunWorkload(updated.workload_id, epoch, updated.spec, updated.priority)
-                    )
+                    session.send(self._run_command(updated))
                     placed += 1
                     log.info(
                         "placed %s on donor %s (epoch %d)", record.workload_id, donor_id, epoch
@@ -640,6 +1065,7 @@ class Fleet:
         now = self._clock()
         if now < self._grace_until:
             return
+        await self._sweep_moves(now)
         expired = [
             w
             for w in self._workloads.values()
@@ -651,6 +1077,7 @@ class Fleet:
                     current = self._workloads.get(record.workload_id)
                     if current is None or current.lease_until is None or current.lease_until >= now:
                         continue
+                    self._moves.pop(current.workload_id, None)
                     await self._requeue(current, f"lease expired on donor {current.donor_id}")
         silent_after = now - self.config.lease_ttl
         for donor in list(self._donors.values()):
@@ -782,10 +1209,7 @@ class Fleet:
             self._donors[donor_id] = donor
             session = self._sessions.get(donor_id)
             for record in self.held_by(donor_id):
-                if session is not None and record.state not in (
-                    WorkloadState.EVACUATING,
-                    WorkloadState.CHECKPOINTED,
-                ):
+                if session is not None and record.workload_id not in self._moves:
                     await self._evacuate(session, record, "drained")
         log.info("donor %s drained", donor_id)
         return donor

@@ -10,13 +10,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeAlias
 
-from donor_app.domain.link import Capacity
+from donor_app.domain.link import Capacity, CheckpointInfo
 from donor_app.domain.vm import VmSpec
 
 __all__ = [
     "HELD_STATES",
     "Capacity",
+    "CheckpointRef",
     "DonorRecord",
     "DonorSeen",
     "IdleSample",
@@ -82,10 +84,20 @@ class DonorRecord:
     lost: bool = False
 
 
+# The latest saved state of a workload, taken on `donor_id` at `epoch`; the bytes live
+# in the coordinator's checkpoint file store under `sha256`, and a workload whose donor
+# is lost restarts elsewhere from them. `donor_id` names the donor as it was (it may
+# since be revoked or removed). The link's own type, as with Capacity: the fleet hands
+# a stored checkpoint to the next donor (RunWorkload.checkpoint) without converting it.
+# The store refuses an empty `donor_id`.
+CheckpointRef: TypeAlias = CheckpointInfo
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadRecord:
     """A workload and its assignment. `epoch` grows by one at every (re)assignment; the
-    lease binds (donor_id, epoch) until `lease_until`."""
+    lease binds (donor_id, epoch) until `lease_until`. `checkpoint` is its latest saved
+    state, if any (kept across reassignments until replaced or cleared)."""
 
     workload_id: str
     spec: VmSpec
@@ -97,6 +109,7 @@ class WorkloadRecord:
     epoch: int = 0
     lease_until: datetime | None = None
     detail: str = ""
+    checkpoint: CheckpointRef | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from donor_app.coordinator.enrollment import (
     new_token,
 )
 from donor_app.coordinator.fleet import Fleet
-from donor_app.coordinator.images import ImageUploadError, check_sha256
+from donor_app.coordinator.images import ImageStore, ImageUploadError, Upload, check_sha256
 from donor_app.coordinator.metrics import Metrics
 from donor_app.coordinator.session import Code, DonorSession, Refused
 from donor_app.proto import coordinator_serde as serde
@@ -36,6 +36,7 @@ from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _Reply = TypeVar("_Reply")
+_Chunk = TypeVar("_Chunk", pb.ImageChunk, pb.CheckpointChunk)
 
 STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -202,13 +203,103 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not images.has(sha256):
             await refuse(context, Refused(Code.NOT_FOUND, f"sha256: no image {sha256}"))
         size = images.size(sha256)
-        if request.offset > size:
-            await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE, f"offset: {request.offset} is past the end ({size})"
-            )
-        chunks = images.read(sha256, request.offset)
-        while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+        async for block in _blocks(images, sha256, request.offset, context):
             yield pb.ImageChunk(sha256=sha256, total_size=size, data=block)
+
+    async def PushCheckpoint(
+        self,
+        request_iterator: AsyncIterator[pb.CheckpointChunk],
+        context: aio.ServicerContext[Any, Any],
+    ) -> pb.CheckpointInfo:
+        identity = await self._donor(context)
+        assert identity.donor_id is not None
+        donor_id = identity.donor_id
+        upload = self._fleet.checkpoints.upload()
+        header: list[pb.CheckpointChunk] = []
+
+        def begin(chunk: pb.CheckpointChunk) -> None:
+            serde.checked_identifier("workload_id", chunk.workload_id)
+            # Refused before a byte is stored: only the holder at this epoch may push.
+            self._fleet.holder_check(donor_id, chunk.workload_id, chunk.epoch)
+            upload.begin(chunk.sha256, chunk.total_size)
+            header.append(chunk)
+
+        try:
+            await self._fleet.check_donor(donor_id, identity.cert_sha256)
+            size = await receive_upload(upload, request_iterator, begin)
+            first = header[0]
+            info = await self._fleet.accept_checkpoint(
+                donor_id, first.workload_id, first.epoch, upload.expected_sha256, size
+            )
+        except Refused as refusal:
+            await refuse(context, refusal)
+        except serde.WireError as error:
+            await refuse(context, Refused(Code.INVALID_ARGUMENT, str(error)))
+        return serde.checkpoint_to_proto(info)
+
+    async def PullCheckpoint(
+        self, request: pb.CheckpointRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.CheckpointChunk]:
+        identity = await self._donor(context)
+        assert identity.donor_id is not None
+        try:
+            await self._fleet.check_donor(identity.donor_id, identity.cert_sha256)
+            info = self._fleet.checkpoint_to_pull(
+                identity.donor_id, request.workload_id, request.epoch, request.sha256
+            )
+        except Refused as refusal:
+            await refuse(context, refusal)
+        store = self._fleet.checkpoints
+        if not store.has(info.sha256):
+            await refuse(
+                context, Refused(Code.NOT_FOUND, f"sha256: checkpoint {info.sha256} is gone")
+            )
+        async for block in _blocks(store, info.sha256, request.offset, context):
+            yield pb.CheckpointChunk(
+                workload_id=request.workload_id,
+                epoch=info.epoch,
+                sha256=info.sha256,
+                total_size=info.size,
+                data=block,
+            )
+
+
+async def _blocks(
+    store: ImageStore, sha256: str, offset: int, context: aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    """A stored file's bytes from `offset`, read off the event loop."""
+    size = store.size(sha256)
+    if offset > size:
+        await context.abort(
+            grpc.StatusCode.OUT_OF_RANGE, f"offset: {offset} is past the end ({size})"
+        )
+    chunks = store.read(sha256, offset)
+    while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+        yield block
+
+
+async def receive_upload(
+    upload: Upload, chunks: AsyncIterator[_Chunk], begin: Callable[[_Chunk], None]
+) -> int:
+    """Write an upload's chunks (`begin` checks the first one), verify it, return its
+    size. Refused INVALID_ARGUMENT naming the field when it is not what it claimed;
+    nothing is kept then."""
+    try:
+        first = True
+        async for chunk in chunks:
+            if first:
+                begin(chunk)
+                first = False
+            await asyncio.to_thread(upload.write, chunk.data)
+        if first:
+            raise ImageUploadError("data: the upload was empty")
+        return await asyncio.to_thread(upload.finish)
+    except ImageUploadError as error:
+        upload.abort()
+        raise Refused(Code.INVALID_ARGUMENT, str(error)) from None
+    except BaseException:
+        upload.abort()
+        raise
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -266,22 +357,11 @@ class AdminServicer(pb_grpc.AdminServicer):
     ) -> pb.ImageInfo:
         async def call() -> pb.ImageInfo:
             upload = self._fleet.images.upload()
-            try:
-                first = True
-                async for chunk in request_iterator:
-                    if first:
-                        upload.begin(chunk.sha256, chunk.total_size)
-                        first = False
-                    await asyncio.to_thread(upload.write, chunk.data)
-                if first:
-                    raise ImageUploadError("data: the upload was empty")
-                size = await asyncio.to_thread(upload.finish)
-            except ImageUploadError as error:
-                upload.abort()
-                raise Refused(Code.INVALID_ARGUMENT, str(error)) from None
-            except BaseException:
-                upload.abort()
-                raise
+            size = await receive_upload(
+                upload,
+                request_iterator,
+                lambda chunk: upload.begin(chunk.sha256, chunk.total_size),
+            )
             await self._fleet.add_image(upload.expected_sha256, size)
             return pb.ImageInfo(sha256=upload.expected_sha256, size=size)
 
@@ -304,6 +384,18 @@ class AdminServicer(pb_grpc.AdminServicer):
             return pb.ListWorkloadsResponse(workloads=[serde.workload_to_proto(r) for r in records])
 
         return await self._run("ListWorkloads", context, call)
+
+    async def WorkloadHistory(
+        self, request: pb.WorkloadRef, context: aio.ServicerContext[Any, Any]
+    ) -> pb.WorkloadHistoryResponse:
+        async def call() -> pb.WorkloadHistoryResponse:
+            record, events = await self._fleet.history(request.id)
+            return pb.WorkloadHistoryResponse(
+                workload=serde.workload_to_proto(record),
+                events=[serde.workload_event_to_proto(e) for e in events],
+            )
+
+        return await self._run("WorkloadHistory", context, call)
 
     async def CancelWorkload(
         self, request: pb.WorkloadRef, context: aio.ServicerContext[Any, Any]

@@ -58,6 +58,8 @@ class DonorSession:
     pending: dict[int, link.CoordinatorMessage] = field(default_factory=dict)
     # Workloads already being fenced, so a report repeated every 5 s fences once.
     fencing: set[str] = field(default_factory=set)
+    # (workload, epoch) copies already told to go away (not held here, reported stopped).
+    cleaned: set[tuple[str, int]] = field(default_factory=set)
     _seq: int = 0
 
     @property

@@ -40,6 +40,43 @@ class Capacity:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A guest's saved state kept by the coordinator: taken on `donor_id` at `epoch`."""
+
+    sha256: str
+    size: int
+    epoch: int
+    taken_at: datetime
+    donor_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationTarget:
+    """Where a live-migrating guest goes: the target's libvirt as the source reaches it,
+    where the migration stream connects, and the target's own paths for the guest."""
+
+    libvirt_uri: str
+    migrate_uri: str
+    kernel_path: str
+    initrd_path: str
+    console_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationLimits:
+    bandwidth_mibps: int = 0  # 0: unlimited
+    max_downtime_ms: int = 100
+    deadline_s: int = 60
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    seconds: float
+    downtime_ms: float = 0.0  # as QEMU reports it; 0 when unknown
+
+
+@dataclass(frozen=True, slots=True)
 class GuestReport:
     workload_id: str
     epoch: int
@@ -75,6 +112,9 @@ class CommandResult:
     command_seq: int
     ok: bool
     error: str = ""
+    prepared: MigrationTarget | None = None  # answer to PrepareMigration
+    checkpoint: CheckpointInfo | None = None  # answer to Checkpoint(upload=True)
+    migration: MigrationReport | None = None  # answer to a successful Evacuate
 
 
 DonorMessage = Hello | Report | Reclaim | CommandResult
@@ -108,6 +148,7 @@ class RunWorkload:
     epoch: int
     spec: VmSpec
     priority: int = 0
+    checkpoint: CheckpointInfo | None = None  # restore from it instead of booting
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,18 +160,40 @@ class StopWorkload:
 
 @dataclass(frozen=True, slots=True)
 class Evacuate:
+    """Live-migrate to a target that prepared for it (see PrepareMigration)."""
+
     workload_id: str
     epoch: int
     target_donor_id: str
+    target: MigrationTarget | None = None
+    target_epoch: int = 0
+    limits: MigrationLimits = MigrationLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareMigration:
+    """To the target of a live migration: get ready to receive the workload at `epoch`."""
+
+    workload_id: str
+    epoch: int
+    spec: VmSpec
+    source_donor_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
+    """Save the guest to disk; `upload` also sends it to the coordinator; `keep_running`
+    (a periodic checkpoint) lets it go on running here afterwards."""
+
     workload_id: str
     epoch: int
+    upload: bool = False
+    keep_running: bool = False
 
 
-CoordinatorMessage = Welcome | Ack | RunWorkload | StopWorkload | Evacuate | Checkpoint
+CoordinatorMessage = (
+    Welcome | Ack | RunWorkload | StopWorkload | Evacuate | Checkpoint | PrepareMigration
+)
 
 
 @dataclass(frozen=True, slots=True)

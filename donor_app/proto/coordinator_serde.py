@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
-from donor_app.coordinator.model import DonorRecord, WorkloadRecord, WorkloadState
+from donor_app.coordinator.model import DonorRecord, WorkloadEvent, WorkloadRecord, WorkloadState
 from donor_app.domain import link
-from donor_app.domain.vm import ARCHES, DiskBoot, KernelBoot, VmSpec
+from donor_app.domain.vm import ARCHES, SHA256_PATTERN, DiskBoot, KernelBoot, VmSpec
 from donor_app.proto.serde import moment, timestamp
 from donor_app.proto.v1 import coordinator_pb2 as pb
 
@@ -39,6 +39,11 @@ def _identifier(path: str, value: str) -> str:
             f"{path}: {value[:80]!r} is not an identifier (1–128 of A–Z a–z 0–9 _ . : -)"
         )
     return value
+
+
+def checked_identifier(path: str, value: str) -> str:
+    """An id from the wire (WireError naming `path` if it is not one)."""
+    return _identifier(path, value)
 
 
 def _optional_time(message: object, name: str) -> datetime | None:
@@ -165,11 +170,20 @@ def event_to_proto(event: link.DonorEvent) -> pb.DonorEvent:
             pb.ReclaimRequest(workload_ids=list(message.workload_ids), reason=message.reason)
         )
     else:
-        wire.result.CopyFrom(
-            pb.CommandResult(
-                command_seq=message.command_seq, ok=message.ok, error=message.error[: link.MAX_TEXT]
-            )
+        result = pb.CommandResult(
+            command_seq=message.command_seq, ok=message.ok, error=message.error[: link.MAX_TEXT]
         )
+        if message.prepared is not None:
+            result.prepared.CopyFrom(migration_target_to_proto(message.prepared))
+        if message.checkpoint is not None:
+            result.checkpoint.CopyFrom(checkpoint_to_proto(message.checkpoint))
+        if message.migration is not None:
+            result.migration.CopyFrom(
+                pb.MigrationReport(
+                    seconds=message.migration.seconds, downtime_ms=message.migration.downtime_ms
+                )
+            )
+        wire.result.CopyFrom(result)
     return wire
 
 
@@ -206,14 +220,102 @@ def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
             reason=_text("reclaim.reason", reclaim.reason, 64),
         )
     elif kind == "result":
+        result = wire.result
+        migration = None
+        if result.HasField("migration"):
+            seconds, downtime = result.migration.seconds, result.migration.downtime_ms
+            if not (0 <= seconds < 1e6 and 0 <= downtime < 1e9):
+                raise WireError("result.migration: seconds or downtime_ms out of range")
+            migration = link.MigrationReport(seconds, downtime)
         message = link.CommandResult(
-            command_seq=wire.result.command_seq,
-            ok=wire.result.ok,
-            error=_text("result.error", wire.result.error),
+            command_seq=result.command_seq,
+            ok=result.ok,
+            error=_text("result.error", result.error),
+            prepared=migration_target_from_proto(result.prepared, "result.prepared")
+            if result.HasField("prepared")
+            else None,
+            checkpoint=checkpoint_from_proto(result.checkpoint, "result.checkpoint")
+            if result.HasField("checkpoint")
+            else None,
+            migration=migration,
         )
     else:
         raise WireError("kind: the event carries none of hello, report, reclaim, result")
     return link.DonorEvent(seq=wire.seq, message=message)
+
+
+# --- checkpoints and migration -----------------------------------------------------------
+
+
+def checkpoint_to_proto(info: link.CheckpointInfo) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        sha256=info.sha256,
+        size=info.size,
+        epoch=info.epoch,
+        taken_at=timestamp(info.taken_at),
+        donor_id=info.donor_id,
+    )
+
+
+def checkpoint_from_proto(message: pb.CheckpointInfo, path: str) -> link.CheckpointInfo:
+    if not SHA256_PATTERN.fullmatch(message.sha256):
+        raise WireError(f"{path}.sha256: {message.sha256[:80]!r} is not 64 lowercase hex digits")
+    if message.size <= 0:
+        raise WireError(f"{path}.size: must be positive")
+    if not message.HasField("taken_at"):
+        raise WireError(f"{path}.taken_at: missing")
+    return link.CheckpointInfo(
+        sha256=message.sha256,
+        size=message.size,
+        epoch=message.epoch,
+        taken_at=moment(message.taken_at),
+        donor_id=_identifier(f"{path}.donor_id", message.donor_id) if message.donor_id else "",
+    )
+
+
+def migration_target_to_proto(target: link.MigrationTarget) -> pb.MigrationTarget:
+    return pb.MigrationTarget(
+        libvirt_uri=target.libvirt_uri,
+        migrate_uri=target.migrate_uri,
+        kernel_path=target.kernel_path,
+        initrd_path=target.initrd_path,
+        console_path=target.console_path,
+    )
+
+
+def migration_target_from_proto(message: pb.MigrationTarget, path: str) -> link.MigrationTarget:
+    for name in ("libvirt_uri", "migrate_uri", "kernel_path", "console_path"):
+        if not getattr(message, name):
+            raise WireError(f"{path}.{name}: missing")
+    return link.MigrationTarget(
+        libvirt_uri=_text(f"{path}.libvirt_uri", message.libvirt_uri),
+        migrate_uri=_text(f"{path}.migrate_uri", message.migrate_uri),
+        kernel_path=_text(f"{path}.kernel_path", message.kernel_path),
+        initrd_path=_text(f"{path}.initrd_path", message.initrd_path),
+        console_path=_text(f"{path}.console_path", message.console_path),
+    )
+
+
+def limits_to_proto(limits: link.MigrationLimits) -> pb.MigrationLimits:
+    return pb.MigrationLimits(
+        bandwidth_mibps=limits.bandwidth_mibps,
+        max_downtime_ms=limits.max_downtime_ms,
+        deadline_s=limits.deadline_s,
+        tls=limits.tls,
+    )
+
+
+def limits_from_proto(message: pb.MigrationLimits, path: str) -> link.MigrationLimits:
+    if not 1 <= message.deadline_s <= 24 * 3600:
+        raise WireError(f"{path}.deadline_s: {message.deadline_s} is outside 1–86400")
+    if not 1 <= message.max_downtime_ms <= 60_000:
+        raise WireError(f"{path}.max_downtime_ms: {message.max_downtime_ms} is outside 1–60000")
+    return link.MigrationLimits(
+        bandwidth_mibps=message.bandwidth_mibps,
+        max_downtime_ms=message.max_downtime_ms,
+        deadline_s=message.deadline_s,
+        tls=message.tls,
+    )
 
 
 # --- workload specs ----------------------------------------------------------------------
@@ -295,6 +397,16 @@ def command_to_proto(command: link.Command) -> pb.Command:
                 workload_id=message.workload_id,
                 epoch=message.epoch,
                 spec=spec_to_proto(message.spec, message.priority),
+                checkpoint=checkpoint_to_proto(message.checkpoint) if message.checkpoint else None,
+            )
+        )
+    elif isinstance(message, link.PrepareMigration):
+        wire.prepare.CopyFrom(
+            pb.PrepareMigration(
+                workload_id=message.workload_id,
+                epoch=message.epoch,
+                spec=spec_to_proto(message.spec),
+                source_donor_id=message.source_donor_id,
             )
         )
     elif isinstance(message, link.StopWorkload):
@@ -309,11 +421,19 @@ def command_to_proto(command: link.Command) -> pb.Command:
                 workload_id=message.workload_id,
                 epoch=message.epoch,
                 target_donor_id=message.target_donor_id,
+                target=migration_target_to_proto(message.target) if message.target else None,
+                target_epoch=message.target_epoch,
+                limits=limits_to_proto(message.limits),
             )
         )
     else:
         wire.checkpoint.CopyFrom(
-            pb.Checkpoint(workload_id=message.workload_id, epoch=message.epoch)
+            pb.Checkpoint(
+                workload_id=message.workload_id,
+                epoch=message.epoch,
+                upload=message.upload,
+                keep_running=message.keep_running,
+            )
         )
     return wire
 
@@ -336,6 +456,17 @@ def command_from_proto(wire: pb.Command) -> link.Command:
             epoch=wire.run.epoch,
             spec=spec,
             priority=priority,
+            checkpoint=checkpoint_from_proto(wire.run.checkpoint, "run.checkpoint")
+            if wire.run.HasField("checkpoint")
+            else None,
+        )
+    elif kind == "prepare":
+        spec, _ = spec_from_proto(wire.prepare.spec, "prepare.spec")
+        message = link.PrepareMigration(
+            workload_id=_identifier("prepare.workload_id", wire.prepare.workload_id),
+            epoch=wire.prepare.epoch,
+            spec=spec,
+            source_donor_id=_identifier("prepare.source_donor_id", wire.prepare.source_donor_id),
         )
     elif kind == "stop":
         message = link.StopWorkload(
@@ -348,11 +479,20 @@ def command_from_proto(wire: pb.Command) -> link.Command:
             workload_id=_identifier("evacuate.workload_id", wire.evacuate.workload_id),
             epoch=wire.evacuate.epoch,
             target_donor_id=_identifier("evacuate.target_donor_id", wire.evacuate.target_donor_id),
+            target=migration_target_from_proto(wire.evacuate.target, "evacuate.target")
+            if wire.evacuate.HasField("target")
+            else None,
+            target_epoch=wire.evacuate.target_epoch,
+            limits=limits_from_proto(wire.evacuate.limits, "evacuate.limits")
+            if wire.evacuate.HasField("limits")
+            else link.MigrationLimits(),
         )
     elif kind == "checkpoint":
         message = link.Checkpoint(
             workload_id=_identifier("checkpoint.workload_id", wire.checkpoint.workload_id),
             epoch=wire.checkpoint.epoch,
+            upload=wire.checkpoint.upload,
+            keep_running=wire.checkpoint.keep_running,
         )
     else:
         raise WireError("kind: the command carries nothing known")
@@ -394,7 +534,19 @@ def workload_to_proto(record: WorkloadRecord) -> pb.Workload:
     )
     if record.lease_until is not None:
         message.lease_until.CopyFrom(timestamp(record.lease_until))
+    if record.checkpoint is not None:
+        message.checkpoint.CopyFrom(checkpoint_to_proto(record.checkpoint))
     return message
+
+
+def workload_event_to_proto(event: WorkloadEvent) -> pb.WorkloadEvent:
+    return pb.WorkloadEvent(
+        at=timestamp(event.at),
+        kind=event.kind,
+        donor_id=event.donor_id or "",
+        epoch=event.epoch,
+        detail=event.detail,
+    )
 
 
 def donor_to_proto(

@@ -174,6 +174,7 @@ def parse_fleet(data: Mapping[str, object], file: Path) -> FleetPolicy:
     may_disable = root.boolean("owner_may_disable", _DEFAULT_FLEET.owner_may_disable)
     reason = root.string("reason", _DEFAULT_FLEET.reason)
     root.table("coordinator")  # read by `load_link_config`; checked there
+    root.table("migration")  # read by `load_link_config` too
     root.done()
     return _validated(
         file,
@@ -672,6 +673,46 @@ class LinkConfig:
     ca_pem: bytes
     token: str | None = None
     token_file: Path | None = None
+    migration: MigrationEndpoint | None = None
+
+
+_MIGRATION_SCHEMES = ("qemu", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu+tcp")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationEndpoint:
+    """How other donors reach this donor's libvirt to live-migrate guests to it
+    ([migration] in the fleet file). Without one, guests come here only cold (restored
+    from a checkpoint).
+
+    `libvirt_uri`: this host's libvirt as another donor opens it (between workstations
+    `qemu+tls://HOST/system`, authenticated by the fleet's certificates; see
+    docs/migration.md). `migrate_uri`: where the migration stream connects
+    (`tcp://HOST`). `tls`: encrypt that stream too.
+    """
+
+    libvirt_uri: str
+    migrate_uri: str
+    tls: bool = False
+
+
+def parse_migration_endpoint(data: Mapping[str, object], file: Path) -> MigrationEndpoint | None:
+    table = _Table(file, data).table("migration")
+    if table is None:
+        return None
+    libvirt_uri = table.string("libvirt_uri", "")
+    migrate_uri = table.string("migrate_uri", "")
+    tls = table.boolean("tls", False)
+    table.done()
+    scheme = libvirt_uri.split("://", 1)[0] if "://" in libvirt_uri else ""
+    if scheme not in _MIGRATION_SCHEMES:
+        raise table.error(
+            "libvirt_uri",
+            f"{_shown(libvirt_uri)} is not a libvirt URI ({', '.join(_MIGRATION_SCHEMES)})",
+        )
+    if not migrate_uri.startswith("tcp://") or len(migrate_uri) <= len("tcp://"):
+        raise table.error("migrate_uri", f'must be "tcp://HOST[:PORT]", got {_shown(migrate_uri)}')
+    return MigrationEndpoint(libvirt_uri, migrate_uri, tls)
 
 
 def _host_port(table: _Table, name: str, value: str) -> str:
@@ -712,7 +753,8 @@ def parse_link_config(data: Mapping[str, object], file: Path) -> LinkConfig | No
             token = token_file.read_text().strip() or None
         except OSError as error:
             raise table.error("token_file", f"cannot read it: {error.strerror}") from None
-    return LinkConfig(address, enroll, ca_pem, token, token_file)
+    migration = parse_migration_endpoint(data, file)
+    return LinkConfig(address, enroll, ca_pem, token, token_file, migration)
 
 
 def load_link_config(file: Path) -> LinkConfig | None:

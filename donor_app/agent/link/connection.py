@@ -20,7 +20,9 @@ import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,6 +43,7 @@ from donor_app.settings.secrets import CredentialStore
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+CHUNK_BYTES = 1 << 20  # under the coordinator's message limit
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 REFUSED_RETRY_S = 300.0  # revoked or a bad token: the admin must act; retry rarely
@@ -345,23 +348,30 @@ class CoordinatorLink:
         stub: pb_grpc.CoordinatorStub,
     ) -> None:
         images = _Images(stub)
+        checkpoints = _Checkpoints(stub)
         while (command := commands.get()) is not None:
             message = command.message
             try:
+                result = link.CommandResult(command.seq, True)
                 if isinstance(message, link.RunWorkload):
-                    self._workloads.run(message, images)
+                    self._workloads.run(message, images, checkpoints)
                 elif isinstance(message, link.StopWorkload):
                     self._workloads.stop(message)
                 elif isinstance(message, link.Checkpoint):
-                    self._workloads.checkpoint(message)
+                    info = self._workloads.checkpoint(message, checkpoints)
+                    result = replace(result, checkpoint=info)
+                elif isinstance(message, link.PrepareMigration):
+                    prepared = self._workloads.prepare(message, images)
+                    result = replace(result, prepared=prepared)
                 elif isinstance(message, link.Evacuate):
-                    self._workloads.evacuate(message)
-                send(link.CommandResult(command.seq, True))
+                    report = self._workloads.evacuate(message)
+                    result = replace(result, migration=report)
+                send(result)
             except WorkloadError as error:
                 log.warning("command %d failed: %s", command.seq, error)
                 send(link.CommandResult(command.seq, False, str(error)))
             except grpc.RpcError as error:
-                send(link.CommandResult(command.seq, False, f"image: {error.details()}"))
+                send(link.CommandResult(command.seq, False, f"transfer: {error.details()}"))
             except Exception as error:
                 log.exception("command %d failed", command.seq)
                 send(link.CommandResult(command.seq, False, str(error)))
@@ -373,4 +383,30 @@ class _Images:
 
     def fetch(self, sha256: str) -> Iterator[bytes]:
         for chunk in self._stub.FetchImage(pb.ImageRequest(sha256=sha256), timeout=600):
+            yield chunk.data
+
+
+class _Checkpoints:
+    """PushCheckpoint / PullCheckpoint over the donor's mTLS channel."""
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub) -> None:
+        self._stub = stub
+
+    def push(self, workload_id: str, epoch: int, path: Path, sha256: str) -> link.CheckpointInfo:
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[pb.CheckpointChunk]:
+            yield pb.CheckpointChunk(
+                workload_id=workload_id, epoch=epoch, sha256=sha256, total_size=size
+            )
+            with path.open("rb") as f:
+                while block := f.read(CHUNK_BYTES):
+                    yield pb.CheckpointChunk(data=block)
+
+        reply = self._stub.PushCheckpoint(chunks(), timeout=600)
+        return serde.checkpoint_from_proto(reply, "checkpoint")
+
+    def pull(self, workload_id: str, epoch: int, sha256: str) -> Iterator[bytes]:
+        request = pb.CheckpointRequest(workload_id=workload_id, epoch=epoch, sha256=sha256)
+        for chunk in self._stub.PullCheckpoint(request, timeout=600):
             yield chunk.data

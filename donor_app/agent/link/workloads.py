@@ -6,11 +6,20 @@ epoch, is kept in a small JSON file so that after a restart the agent reports ex
 what it holds and the coordinator can fence stale copies.
 
 Every command is idempotent: the coordinator may resend it after a broken stream.
-Hypervisor calls go through `run_on_engine` (the engine's thread owns the hypervisor).
+Quick hypervisor calls go through `run_on_engine` (the engine's thread owns the
+hypervisor); the long ones — a live migration, saving and restoring a checkpoint — run
+on the link's command thread (libvirt connections are thread-safe) so the engine keeps
+protecting the owner meanwhile.
+
+Moves (see donor_app/coordinator/moves.py): as a target this donor prepares (images,
+paths) and holds the workload at the move's epoch while the guest arrives, reporting it
+"stopped" until it has fully arrived; as a source it live-migrates to the prepared
+target, or saves the guest and uploads the checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +31,12 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from donor_app.domain import link
+from donor_app.domain.vm import VmSpec
 from donor_app.hypervisor.errors import HypervisorError, ImageError
 from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.migration import MigrationOptions, MigrationTarget
+from donor_app.hypervisor.xml import BootFiles
+from donor_app.settings.config import MigrationEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +51,29 @@ class ImageSource(Protocol):
     def fetch(self, sha256: str) -> Iterator[bytes]: ...
 
 
+class CheckpointTransport(Protocol):
+    """The coordinator's PushCheckpoint/PullCheckpoint. Called on the command thread."""
+
+    def push(
+        self, workload_id: str, epoch: int, path: Path, sha256: str
+    ) -> link.CheckpointInfo: ...
+
+    def pull(self, workload_id: str, epoch: int, sha256: str) -> Iterator[bytes]: ...
+
+
 class WorkloadError(Exception):
     """A command could not be carried out; the text goes back to the coordinator."""
+
+
+CHECKPOINT_FILE = "checkpoint.save"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class FleetWorkloads:
@@ -48,13 +82,18 @@ class FleetWorkloads:
         hv: Hypervisor,
         state_file: Path,
         run_on_engine: Callable[[Callable[[], object]], object],
+        migration: MigrationEndpoint | None = None,
     ) -> None:
         self._hv = hv
         self._file = state_file
         self._on_engine = run_on_engine
+        self._migration = migration
         self._lock = threading.Lock()
         self._held: dict[str, int] = self._load()  # workload id → epoch
         self._starting: set[str] = set()
+        # Prepared for a live migration to here, not yet arrived (not kept across a
+        # restart: the coordinator tells a restarted donor to forget it).
+        self._incoming: set[str] = set()
 
     # --- state file ------------------------------------------------------------------------
 
@@ -87,22 +126,34 @@ class FleetWorkloads:
         with self._lock:
             held = dict(self._held)
             starting = set(self._starting)
+            incoming = set(self._incoming)
 
         def look() -> list[link.GuestReport]:
-            return [self._report(w, e, w in starting) for w, e in held.items()]
+            return [self._report(w, e, w in starting, w in incoming) for w, e in held.items()]
 
         result = self._on_engine(look)
         assert isinstance(result, list)
         return tuple(result)
 
-    def _report(self, workload_id: str, epoch: int, starting: bool) -> link.GuestReport:
+    def _report(
+        self, workload_id: str, epoch: int, starting: bool, incoming: bool
+    ) -> link.GuestReport:
         if starting:
             return link.GuestReport(workload_id, epoch, link.GuestState.STARTING)
         try:
             if not self._hv.exists(workload_id):
                 return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "not defined")
+            if incoming:
+                if not self._hv.arrived(workload_id):
+                    # Mid-migration the guest exists here, paused and transient: it is not
+                    # ours until libvirt finished the move (the source still runs it).
+                    return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "arriving")
+                with self._lock:
+                    self._incoming.discard(workload_id)
             state = self._hv.state(workload_id)
-            if state is GuestState.SHUTOFF and self._hv.has_managed_save(workload_id):
+            if state is GuestState.SHUTOFF and (
+                self._hv.has_managed_save(workload_id) or self._saved(workload_id).exists()
+            ):
                 return link.GuestReport(workload_id, epoch, link.GuestState.CHECKPOINTED)
         except HypervisorError as error:
             return link.GuestReport(workload_id, epoch, link.GuestState.FAILED, str(error))
@@ -116,7 +167,15 @@ class FleetWorkloads:
 
     # --- commands ----------------------------------------------------------------------------
 
-    def run(self, command: link.RunWorkload, images: ImageSource) -> None:
+    def _saved(self, workload_id: str) -> Path:
+        return self._hv.guest_dir(workload_id) / CHECKPOINT_FILE
+
+    def run(
+        self,
+        command: link.RunWorkload,
+        images: ImageSource,
+        checkpoints: CheckpointTransport | None = None,
+    ) -> None:
         workload_id = command.workload_id
         with self._lock:
             held_epoch = self._held.get(workload_id)
@@ -127,20 +186,26 @@ class FleetWorkloads:
         with self._lock:
             self._held[workload_id] = command.epoch
             self._starting.add(workload_id)
+            self._incoming.discard(workload_id)
             self._save()
         try:
             for sha256 in command.spec.images():
                 self._ensure_image(sha256, images)
             spec = replace(command.spec, name=workload_id)
+            if command.checkpoint is not None:
+                if checkpoints is None:
+                    raise WorkloadError("no checkpoint transport")
+                self._restore(spec, command, command.checkpoint, checkpoints)
+            else:
 
-            def create() -> None:
-                if self._hv.exists(workload_id):  # an older epoch's copy
-                    self._remove(workload_id)
-                self._hv.create(spec)
+                def create() -> None:
+                    if self._hv.exists(workload_id):  # an older epoch's copy
+                        self._remove(workload_id)
+                    self._hv.create(spec)
 
-            self._on_engine(create)
+                self._on_engine(create)
             log.info("workload %s started (epoch %d)", workload_id, command.epoch)
-        except (HypervisorError, ImageError, OSError, ValueError) as error:
+        except (HypervisorError, ImageError, OSError, ValueError, WorkloadError) as error:
             with self._lock:
                 self._held.pop(workload_id, None)
                 self._save()
@@ -148,6 +213,45 @@ class FleetWorkloads:
         finally:
             with self._lock:
                 self._starting.discard(workload_id)
+
+    def _restore(
+        self,
+        spec: VmSpec,
+        command: link.RunWorkload,
+        checkpoint: link.CheckpointInfo,
+        checkpoints: CheckpointTransport,
+    ) -> None:
+        """Download the checkpoint (verified against its sha256 as it arrives) and bring
+        the guest back from it."""
+        directory = self._hv.state_dir / "incoming"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{spec.name}.save"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with path.open("wb") as out:
+                for block in checkpoints.pull(
+                    command.workload_id, command.epoch, checkpoint.sha256
+                ):
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+            if digest.hexdigest() != checkpoint.sha256 or size != checkpoint.size:
+                raise WorkloadError(
+                    f"checkpoint {checkpoint.sha256[:12]}: received {size} bytes hashing to"
+                    f" {digest.hexdigest()[:12]}, expected {checkpoint.size} bytes"
+                )
+            if self._exists(spec.name):  # an older epoch's copy
+                self._on_engine(lambda: self._remove(spec.name))
+            self._hv.restore_elsewhere(spec, path)
+            log.info(
+                "workload %s restored from the checkpoint taken at %s on donor %s",
+                spec.name,
+                checkpoint.taken_at.isoformat(timespec="seconds"),
+                checkpoint.donor_id or "?",
+            )
+        finally:
+            path.unlink(missing_ok=True)
 
     def _exists(self, workload_id: str) -> bool:
         return bool(self._on_engine(lambda: self._hv.exists(workload_id)))
@@ -192,28 +296,111 @@ class FleetWorkloads:
             raise WorkloadError(f"cannot stop {workload_id}: {error}") from None
         with self._lock:
             self._held.pop(workload_id, None)
+            self._incoming.discard(workload_id)
             self._save()
         log.info("workload %s stopped: %s", workload_id, command.reason)
 
-    def checkpoint(self, command: link.Checkpoint) -> None:
+    def checkpoint(
+        self, command: link.Checkpoint, transport: CheckpointTransport | None = None
+    ) -> link.CheckpointInfo | None:
+        """Save the guest to its checkpoint file (the guest stops; with keep_running it
+        is restored from that file at once), then upload the file if asked."""
         workload_id = command.workload_id
         self._check_epoch(workload_id, command.epoch)
-
-        def save() -> None:
-            if self._hv.state(workload_id) is not GuestState.SHUTOFF:
-                self._hv.managed_save(workload_id)
-
+        path = self._saved(workload_id)
         try:
-            self._on_engine(save)
+            state = self._hv.state(workload_id)
+            if state is GuestState.SHUTOFF:
+                if not path.exists():
+                    raise WorkloadError(f"{workload_id} is not running: nothing to save")
+            else:
+                path.unlink(missing_ok=True)
+                self._hv.save(workload_id, path)
+                if command.keep_running:
+                    self._hv.restore(workload_id, path)
         except HypervisorError as error:
             raise WorkloadError(f"cannot checkpoint {workload_id}: {error}") from None
-        log.info("workload %s checkpointed to disk", workload_id)
+        log.info("workload %s saved to %s", workload_id, path)
+        if not command.upload or transport is None:
+            return None
+        try:
+            info = transport.push(workload_id, command.epoch, path, file_sha256(path))
+        finally:
+            if command.keep_running:
+                path.unlink(missing_ok=True)  # the guest runs on; the file is stale now
+        log.info("workload %s checkpoint uploaded (%.1f MiB)", workload_id, info.size / 2**20)
+        return info
 
-    def evacuate(self, command: link.Evacuate) -> None:
-        self._check_epoch(command.workload_id, command.epoch)
-        # Moving a guest to another donor is the migration issue's work; refusing here
-        # makes the coordinator fall back to a checkpoint (the ladder's next rung).
-        raise WorkloadError("live migration is not available in this agent version")
+    def prepare(self, command: link.PrepareMigration, images: ImageSource) -> link.MigrationTarget:
+        """Get ready to receive a live migration: images, paths, and the hold at the
+        move's epoch (reported "stopped" until the guest has arrived)."""
+        workload_id = command.workload_id
+        if self._migration is None:
+            raise WorkloadError(
+                "this donor takes no live migrations: no [migration] libvirt_uri configured"
+            )
+        with self._lock:
+            held_epoch = self._held.get(workload_id)
+        if held_epoch is not None and held_epoch != command.epoch and self._exists(workload_id):
+            raise WorkloadError(f"{workload_id} is already here at epoch {held_epoch}")
+        spec = replace(command.spec, name=workload_id)
+        try:
+            for sha256 in spec.images():
+                self._ensure_image(sha256, images)
+            files, console = self._hv.prepare_files(spec)
+        except (HypervisorError, ImageError, OSError) as error:
+            raise WorkloadError(f"cannot prepare for {workload_id}: {error}") from None
+        with self._lock:
+            self._held[workload_id] = command.epoch
+            self._incoming.add(workload_id)
+            self._save()
+        log.info("ready to receive %s (epoch %d)", workload_id, command.epoch)
+        return link.MigrationTarget(
+            libvirt_uri=self._migration.libvirt_uri,
+            migrate_uri=self._migration.migrate_uri,
+            kernel_path=str(files.kernel or ""),
+            initrd_path=str(files.initrd or ""),
+            console_path=str(console),
+        )
+
+    def evacuate(self, command: link.Evacuate) -> link.MigrationReport:
+        """Live-migrate to the prepared target. On failure the guest is still here
+        (running or paused) and WorkloadError says why."""
+        workload_id = command.workload_id
+        self._check_epoch(workload_id, command.epoch)
+        if command.target is None:
+            raise WorkloadError("evacuate: the target did not prepare")
+        wire = command.target
+        limits = command.limits
+        try:
+            target = MigrationTarget(
+                libvirt_uri=wire.libvirt_uri,
+                migrate_uri=wire.migrate_uri,
+                files=BootFiles(
+                    kernel=Path(wire.kernel_path),
+                    initrd=Path(wire.initrd_path) if wire.initrd_path else None,
+                ),
+                console_log=Path(wire.console_path),
+            )
+            options = MigrationOptions(
+                bandwidth_mibps=limits.bandwidth_mibps,
+                max_downtime_ms=limits.max_downtime_ms,
+                deadline_s=float(limits.deadline_s),
+                tls=limits.tls,
+            )
+            outcome = self._hv.migrate_live(workload_id, target, options)
+        except (HypervisorError, ValueError) as error:
+            raise WorkloadError(f"live migration failed: {error}") from None
+        with self._lock:
+            self._held.pop(workload_id, None)
+            self._save()
+        log.info(
+            "workload %s migrated to donor %s in %.1f s",
+            workload_id,
+            command.target_donor_id,
+            outcome.seconds,
+        )
+        return link.MigrationReport(outcome.seconds, outcome.downtime_ms or 0.0)
 
     def _check_epoch(self, workload_id: str, epoch: int) -> None:
         with self._lock:

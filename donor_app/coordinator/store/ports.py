@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from donor_app.coordinator.model import (
+    CheckpointRef,
     DonorRecord,
     DonorSeen,
     IdleSample,
@@ -78,9 +79,14 @@ class Store(Protocol):
         ...
 
     # --- workloads --------------------------------------------------------------------
-    def add_workload(self, workload: WorkloadRecord, event: WorkloadEvent) -> None: ...
+    def add_workload(self, workload: WorkloadRecord, event: WorkloadEvent) -> None:
+        """Stores every field, `checkpoint` included, and appends `event`."""
+        ...
 
-    def get_workload(self, workload_id: str) -> WorkloadRecord | None: ...
+    def get_workload(self, workload_id: str) -> WorkloadRecord | None:
+        """Every method returning a WorkloadRecord fills its `checkpoint` (None when
+        the workload has none)."""
+        ...
 
     def list_workloads(
         self, states: Iterable[WorkloadState] | None = None, donor_id: str | None = None
@@ -100,11 +106,17 @@ class Store(Protocol):
         epoch: int | None = None,
         lease_until: datetime | None = None,
         detail: str | None = None,
+        checkpoint: CheckpointRef | None = None,
+        clear_checkpoint: bool = False,
         now: datetime,
     ) -> WorkloadRecord:
         """Compare-and-set on the epoch: raises Conflict when the stored epoch is not
         `expected_epoch`, KeyError for an unknown id. Sets updated_at = now and appends
-        `event` in the same transaction. Returns the new record."""
+        `event` in the same transaction. Returns the new record.
+
+        `checkpoint` replaces the workload's latest checkpoint, `clear_checkpoint`
+        forgets it (ValueError for both at once); neither leaves it as it is. A lost
+        compare-and-set leaves the stored checkpoint unchanged."""
         ...
 
     def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:

@@ -129,6 +129,14 @@ workloads = Table(
     Column("epoch", BigInteger(), nullable=False, server_default="0"),
     Column("lease_until", UtcDateTime(), nullable=True),
     Column("detail", Text(), nullable=False, server_default=""),
+    # The latest checkpoint (model.CheckpointRef), all five NULL when there is none.
+    # The bytes live in the checkpoint file store under the sha256. No foreign key on
+    # the donor: a checkpoint outlives the donor it was taken on (revoked, removed).
+    Column("checkpoint_sha256", String(64), nullable=True),
+    Column("checkpoint_size", BigInteger(), nullable=True),
+    Column("checkpoint_epoch", BigInteger(), nullable=True),
+    Column("checkpoint_at", UtcDateTime(), nullable=True),
+    Column("checkpoint_donor_id", String(64), nullable=True),
     # list_workloads' order; expired_leases' scan; list_workloads(donor_id=...).
     Index("ix_workloads_order", "priority", "created_at"),
     Index("ix_workloads_state_lease", "state", "lease_until"),

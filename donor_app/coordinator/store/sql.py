@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import operator
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,6 +55,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, Statemen
 from donor_app.coordinator.model import (
     HELD_STATES,
     Capacity,
+    CheckpointRef,
     DonorRecord,
     DonorSeen,
     IdleSample,
@@ -342,6 +344,50 @@ def _donor(row: Row[Any]) -> DonorRecord:
     )
 
 
+def _checkpoint_values(checkpoint: CheckpointRef | None) -> dict[str, Any]:
+    """The checkpoint_* columns of a workload row (all None: no checkpoint).
+    ValueError for a checkpoint the store would not give back as it was given."""
+    if checkpoint is None:
+        return {
+            "checkpoint_sha256": None,
+            "checkpoint_size": None,
+            "checkpoint_epoch": None,
+            "checkpoint_at": None,
+            "checkpoint_donor_id": None,
+        }
+    # The columns hold 64 characters: PostgreSQL would refuse more, SQLite would not.
+    if not _SHA256.fullmatch(checkpoint.sha256):
+        raise ValueError(f"checkpoint.sha256: {checkpoint.sha256!r} is not 64 lowercase hex")
+    if not 0 < len(checkpoint.donor_id) <= 64:
+        raise ValueError(f"checkpoint.donor_id: {checkpoint.donor_id!r} is not 1–64 characters")
+    if checkpoint.size < 0 or checkpoint.epoch < 0:
+        raise ValueError(f"checkpoint {checkpoint.sha256}: negative size or epoch")
+    _require_aware("checkpoint.taken_at", checkpoint.taken_at)
+    return {
+        "checkpoint_sha256": checkpoint.sha256,
+        "checkpoint_size": checkpoint.size,
+        "checkpoint_epoch": checkpoint.epoch,
+        "checkpoint_at": checkpoint.taken_at,
+        "checkpoint_donor_id": checkpoint.donor_id,
+    }
+
+
+def _checkpoint(row: Row[Any]) -> CheckpointRef | None:
+    if row.checkpoint_sha256 is None:
+        return None
+    parts = (row.checkpoint_size, row.checkpoint_epoch, row.checkpoint_at, row.checkpoint_donor_id)
+    if any(part is None for part in parts):
+        # The store writes the five columns together; a partial one was edited by hand.
+        raise StoreError(f"workload {row.workload_id}: stored checkpoint is incomplete")
+    return CheckpointRef(
+        sha256=row.checkpoint_sha256,
+        size=row.checkpoint_size,
+        epoch=row.checkpoint_epoch,
+        taken_at=row.checkpoint_at,
+        donor_id=row.checkpoint_donor_id,
+    )
+
+
 def _workload(row: Row[Any]) -> WorkloadRecord:
     try:
         spec = vmspec_from_json(row.spec)
@@ -358,6 +404,7 @@ def _workload(row: Row[Any]) -> WorkloadRecord:
         epoch=row.epoch,
         lease_until=row.lease_until,
         detail=row.detail,
+        checkpoint=_checkpoint(row),
     )
 
 
@@ -373,6 +420,7 @@ def _workload_values(workload: WorkloadRecord) -> dict[str, Any]:
         "epoch": workload.epoch,
         "lease_until": workload.lease_until,
         "detail": workload.detail,
+        **_checkpoint_values(workload.checkpoint),
     }
 
 
@@ -404,6 +452,7 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 _HELD_VALUES = sorted(state.value for state in HELD_STATES)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- the store --------------------------------------------------------------------------
@@ -662,8 +711,9 @@ class SqlStore:
         for name in ("created_at", "updated_at"):
             _require_aware(name, getattr(workload, name))
         _require_aware("event.at", event.at)
+        values = _workload_values(workload)  # checks the checkpoint before any write
         with self._tx(write=True) as conn:
-            if not self._insert_new(conn, workloads, "workload_id", _workload_values(workload)):
+            if not self._insert_new(conn, workloads, "workload_id", values):
                 raise AlreadyExists(f"workload {workload.workload_id} exists")
             conn.execute(workload_events.insert().values(**_event_values(event)))
 
@@ -703,12 +753,16 @@ class SqlStore:
         epoch: int | None = None,
         lease_until: datetime | None = None,
         detail: str | None = None,
+        checkpoint: CheckpointRef | None = None,
+        clear_checkpoint: bool = False,
         now: datetime,
     ) -> WorkloadRecord:
         """See the port. `clear_donor` also clears `lease_until`: a lease binds a donor,
         and none is left (so a lease cannot be set in the same call)."""
         if clear_donor and donor_id is not None:
             raise ValueError("donor_id and clear_donor are exclusive")
+        if clear_checkpoint and checkpoint is not None:
+            raise ValueError("checkpoint and clear_checkpoint are exclusive")
         if clear_donor and lease_until is not None:
             raise ValueError("lease_until and clear_donor are exclusive")
         if event is not None and event.workload_id != workload_id:
@@ -732,6 +786,8 @@ class SqlStore:
             values["lease_until"] = lease_until
         if detail is not None:
             values["detail"] = detail
+        if checkpoint is not None or clear_checkpoint:
+            values.update(_checkpoint_values(checkpoint))
         with self._tx(write=True) as conn:
             # The epoch test sits in the UPDATE itself: PostgreSQL re-checks it after
             # waiting for a concurrent writer, so two CAS on one epoch cannot both win.

@@ -322,23 +322,66 @@ class CommandResult(_message.Message):
     COMMAND_SEQ_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PREPARED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    MIGRATION_FIELD_NUMBER: _builtins.int
     command_seq: _builtins.int
     ok: _builtins.bool
     error: _builtins.str
+    @_builtins.property
+    def prepared(self) -> Global___MigrationTarget:
+        """answer to PrepareMigration"""
+
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointInfo:
+        """answer to Checkpoint with upload"""
+
+    @_builtins.property
+    def migration(self) -> Global___MigrationReport:
+        """answer to Evacuate (live migration done)"""
+
     def __init__(
         self,
         *,
         command_seq: _builtins.int = ...,
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
+        prepared: Global___MigrationTarget | None = ...,
+        checkpoint: Global___CheckpointInfo | None = ...,
+        migration: Global___MigrationReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "migration", b"migration", "prepared", b"prepared"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_seq", b"command_seq", "error", b"error", "ok", b"ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "command_seq", b"command_seq", "error", b"error", "migration", b"migration", "ok", b"ok", "prepared", b"prepared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+
+@_typing.final
+class MigrationReport(_message.Message):
+    """How a finished live migration went, as the source measured it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.float
+    downtime_ms: _builtins.float
+    """as QEMU reports it; 0 when unknown"""
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.float = ...,
+        downtime_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downtime_ms", b"downtime_ms", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationReport: _TypeAlias = MigrationReport  # noqa: Y015
 
 @_typing.final
 class DonorEvent(_message.Message):
@@ -481,20 +524,26 @@ class RunWorkload(_message.Message):
     WORKLOAD_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     epoch: _builtins.int
     @_builtins.property
     def spec(self) -> Global___WorkloadSpec: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointInfo:
+        """Set: restore the guest from this checkpoint (PullCheckpoint) instead of booting it."""
+
     def __init__(
         self,
         *,
         workload_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         spec: Global___WorkloadSpec | None = ...,
+        checkpoint: Global___CheckpointInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "spec", b"spec", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "epoch", b"epoch", "spec", b"spec", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,50 +580,175 @@ Global___StopWorkload: _TypeAlias = StopWorkload  # noqa: Y015
 
 @_typing.final
 class Evacuate(_message.Message):
-    """Move the workload to another donor (the answer to a reclaim request)."""
+    """Live-migrate the workload to another donor, which has prepared for it (the answer to
+    a reclaim request). On failure the guest stays here, running or paused, and the
+    coordinator falls back to a cold move (Checkpoint with upload).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKLOAD_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     TARGET_DONOR_ID_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_EPOCH_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     epoch: _builtins.int
     target_donor_id: _builtins.str
+    target_epoch: _builtins.int
+    """the epoch the target holds the workload at once it arrives"""
+    @_builtins.property
+    def target(self) -> Global___MigrationTarget: ...
+    @_builtins.property
+    def limits(self) -> Global___MigrationLimits: ...
     def __init__(
         self,
         *,
         workload_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         target_donor_id: _builtins.str = ...,
+        target: Global___MigrationTarget | None = ...,
+        target_epoch: _builtins.int = ...,
+        limits: Global___MigrationLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "target_donor_id", b"target_donor_id", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "limits", b"limits", "target", b"target", "target_donor_id", b"target_donor_id", "target_epoch", b"target_epoch", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Evacuate: _TypeAlias = Evacuate  # noqa: Y015
 
 @_typing.final
-class Checkpoint(_message.Message):
-    """Nowhere to move: save the guest to the donor's disk and free its RAM."""
+class MigrationLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANDWIDTH_MIBPS_FIELD_NUMBER: _builtins.int
+    MAX_DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    bandwidth_mibps: _builtins.int
+    """0: unlimited"""
+    max_downtime_ms: _builtins.int
+    deadline_s: _builtins.int
+    """abort (guest stays at the source) after this long"""
+    tls: _builtins.bool
+    """encrypt the migration stream (libvirt's TLS)"""
+    def __init__(
+        self,
+        *,
+        bandwidth_mibps: _builtins.int = ...,
+        max_downtime_ms: _builtins.int = ...,
+        deadline_s: _builtins.int = ...,
+        tls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_mibps", b"bandwidth_mibps", "deadline_s", b"deadline_s", "max_downtime_ms", b"max_downtime_ms", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationLimits: _TypeAlias = MigrationLimits  # noqa: Y015
+
+@_typing.final
+class PrepareMigration(_message.Message):
+    """The target of a live migration prepares: fetches the images, reserves room, and
+    answers (CommandResult.prepared) where the source sends the guest.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKLOAD_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    SOURCE_DONOR_ID_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     epoch: _builtins.int
+    """the target epoch"""
+    source_donor_id: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___WorkloadSpec: ...
     def __init__(
         self,
         *,
         workload_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        spec: Global___WorkloadSpec | None = ...,
+        source_donor_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "source_donor_id", b"source_donor_id", "spec", b"spec", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareMigration: _TypeAlias = PrepareMigration  # noqa: Y015
+
+@_typing.final
+class MigrationTarget(_message.Message):
+    """Where a migrating guest goes: the target's libvirt (as the source reaches it), where
+    the migration stream connects, and the target's own paths for the guest's files.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIBVIRT_URI_FIELD_NUMBER: _builtins.int
+    MIGRATE_URI_FIELD_NUMBER: _builtins.int
+    KERNEL_PATH_FIELD_NUMBER: _builtins.int
+    INITRD_PATH_FIELD_NUMBER: _builtins.int
+    CONSOLE_PATH_FIELD_NUMBER: _builtins.int
+    libvirt_uri: _builtins.str
+    migrate_uri: _builtins.str
+    kernel_path: _builtins.str
+    initrd_path: _builtins.str
+    """empty: none"""
+    console_path: _builtins.str
+    def __init__(
+        self,
+        *,
+        libvirt_uri: _builtins.str = ...,
+        migrate_uri: _builtins.str = ...,
+        kernel_path: _builtins.str = ...,
+        initrd_path: _builtins.str = ...,
+        console_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["console_path", b"console_path", "initrd_path", b"initrd_path", "kernel_path", b"kernel_path", "libvirt_uri", b"libvirt_uri", "migrate_uri", b"migrate_uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationTarget: _TypeAlias = MigrationTarget  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """Save the guest to the donor's disk. `upload`: also push it to the coordinator (it
+    becomes the workload's latest checkpoint). `keep_running`: a periodic checkpoint —
+    the guest goes on running here afterwards; otherwise it stays saved (RAM freed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    KEEP_RUNNING_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    epoch: _builtins.int
+    upload: _builtins.bool
+    keep_running: _builtins.bool
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        upload: _builtins.bool = ...,
+        keep_running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "keep_running", b"keep_running", "upload", b"upload", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,6 +815,7 @@ class Command(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     EVACUATE_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    PREPARE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """increasing per stream; CommandResults name it"""
     @_builtins.property
@@ -655,6 +830,8 @@ class Command(_message.Message):
     def evacuate(self) -> Global___Evacuate: ...
     @_builtins.property
     def checkpoint(self) -> Global___Checkpoint: ...
+    @_builtins.property
+    def prepare(self) -> Global___PrepareMigration: ...
     def __init__(
         self,
         *,
@@ -665,12 +842,13 @@ class Command(_message.Message):
         stop: Global___StopWorkload | None = ...,
         evacuate: Global___Evacuate | None = ...,
         checkpoint: Global___Checkpoint | None = ...,
+        prepare: Global___PrepareMigration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "checkpoint", b"checkpoint", "evacuate", b"evacuate", "kind", b"kind", "run", b"run", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "checkpoint", b"checkpoint", "evacuate", b"evacuate", "kind", b"kind", "prepare", b"prepare", "run", b"run", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "checkpoint", b"checkpoint", "evacuate", b"evacuate", "kind", b"kind", "run", b"run", "seq", b"seq", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "checkpoint", b"checkpoint", "evacuate", b"evacuate", "kind", b"kind", "prepare", b"prepare", "run", b"run", "seq", b"seq", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "run", "stop", "evacuate", "checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "run", "stop", "evacuate", "checkpoint", "prepare"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -748,6 +926,103 @@ class ImageInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImageInfo: _TypeAlias = ImageInfo  # noqa: Y015
+
+@_typing.final
+class CheckpointChunk(_message.Message):
+    """---- checkpoints ------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    """on push: in the first chunk, with epoch, sha256, total_size"""
+    epoch: _builtins.int
+    sha256: _builtins.str
+    total_size: _builtins.int
+    data: _builtins.bytes
+    """at most 1 MiB"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "epoch", b"epoch", "sha256", b"sha256", "total_size", b"total_size", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointChunk: _TypeAlias = CheckpointChunk  # noqa: Y015
+
+@_typing.final
+class CheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    epoch: _builtins.int
+    """the puller's assignment"""
+    sha256: _builtins.str
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "offset", b"offset", "sha256", b"sha256", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointRequest: _TypeAlias = CheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CheckpointInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TAKEN_AT_FIELD_NUMBER: _builtins.int
+    DONOR_ID_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    size: _builtins.int
+    epoch: _builtins.int
+    """the epoch it was taken at"""
+    donor_id: _builtins.str
+    @_builtins.property
+    def taken_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        taken_at: _timestamp_pb2.Timestamp | None = ...,
+        donor_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["taken_at", b"taken_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["donor_id", b"donor_id", "epoch", b"epoch", "sha256", b"sha256", "size", b"size", "taken_at", b"taken_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointInfo: _TypeAlias = CheckpointInfo  # noqa: Y015
 
 @_typing.final
 class CreateTokenRequest(_message.Message):
@@ -838,6 +1113,7 @@ class Workload(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___WorkloadState.ValueType
     donor_id: _builtins.str
@@ -852,6 +1128,10 @@ class Workload(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointInfo:
+        """the latest, if any"""
+
     def __init__(
         self,
         *,
@@ -864,10 +1144,11 @@ class Workload(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         detail: _builtins.str = ...,
+        checkpoint: Global___CheckpointInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "lease_until", b"lease_until", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "created_at", b"created_at", "lease_until", b"lease_until", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "detail", b"detail", "donor_id", b"donor_id", "epoch", b"epoch", "id", b"id", "lease_until", b"lease_until", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "created_at", b"created_at", "detail", b"detail", "donor_id", b"donor_id", "epoch", b"epoch", "id", b"id", "lease_until", b"lease_until", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -906,6 +1187,65 @@ class ListWorkloadsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkloadsRequest: _TypeAlias = ListWorkloadsRequest  # noqa: Y015
+
+@_typing.final
+class WorkloadEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DONOR_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """submitted, placed, migrate, moved, moved-cold, checkpoint, requeued..."""
+    donor_id: _builtins.str
+    epoch: _builtins.int
+    detail: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        donor_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "detail", b"detail", "donor_id", b"donor_id", "epoch", b"epoch", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadEvent: _TypeAlias = WorkloadEvent  # noqa: Y015
+
+@_typing.final
+class WorkloadHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workload(self) -> Global___Workload: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkloadEvent]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        workload: Global___Workload | None = ...,
+        events: _abc.Iterable[Global___WorkloadEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workload", b"workload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadHistoryResponse: _TypeAlias = WorkloadHistoryResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkloadsResponse(_message.Message):

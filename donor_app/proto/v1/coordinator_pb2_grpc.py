@@ -49,6 +49,16 @@ class CoordinatorStub:
                 request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.ImageRequest.SerializeToString,
                 response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.ImageChunk.FromString,
                 _registered_method=True)
+        self.PushCheckpoint = channel.stream_unary(
+                '/donor.v1.Coordinator/PushCheckpoint',
+                request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.PullCheckpoint = channel.unary_stream(
+                '/donor.v1.Coordinator/PullCheckpoint',
+                request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -77,6 +87,23 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushCheckpoint(self, request_iterator, context):
+        """The donor holding a workload uploads the guest's saved state (answer to a Checkpoint
+        with `upload`). The first chunk names workload, epoch, sha256 and total size; the
+        coordinator keeps it only when the donor holds the workload at that epoch and the
+        bytes hash to the sha256. It becomes the workload's latest checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullCheckpoint(self, request, context):
+        """The donor a workload was assigned to (RunWorkload with a checkpoint) downloads it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +121,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchImage,
                     request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.ImageRequest.FromString,
                     response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.ImageChunk.SerializeToString,
+            ),
+            'PushCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushCheckpoint,
+                    request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.FromString,
+                    response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'PullCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullCheckpoint,
+                    request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointRequest.FromString,
+                    response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +224,60 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PushCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/donor.v1.Coordinator/PushCheckpoint',
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/donor.v1.Coordinator/PullCheckpoint',
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointRequest.SerializeToString,
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -236,6 +327,11 @@ class AdminStub:
                 '/donor.v1.Admin/RevokeDonor',
                 request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.DonorRef.SerializeToString,
                 response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Donor.FromString,
+                _registered_method=True)
+        self.WorkloadHistory = channel.unary_unary(
+                '/donor.v1.Admin/WorkloadHistory',
+                request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.SerializeToString,
+                response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.FromString,
                 _registered_method=True)
 
 
@@ -293,6 +389,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WorkloadHistory(self, request, context):
+        """A workload and its history: placements, moves (live or cold), checkpoints, requeues.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +438,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeDonor,
                     request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.DonorRef.FromString,
                     response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Donor.SerializeToString,
+            ),
+            'WorkloadHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.WorkloadHistory,
+                    request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.FromString,
+                    response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -553,6 +661,33 @@ class Admin:
             '/donor.v1.Admin/RevokeDonor',
             donor__app_dot_proto_dot_v1_dot_coordinator__pb2.DonorRef.SerializeToString,
             donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Donor.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkloadHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/donor.v1.Admin/WorkloadHistory',
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.SerializeToString,
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,14 @@ class CoordinatorStub:
     """
     FetchImage: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.ImageRequest, _coordinator_pb2.ImageChunk]
     """An image by sha256, in chunks, from `offset` (to resume a broken download)."""
+    PushCheckpoint: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.CheckpointChunk, _coordinator_pb2.CheckpointInfo]
+    """The donor holding a workload uploads the guest's saved state (answer to a Checkpoint
+    with `upload`). The first chunk names workload, epoch, sha256 and total size; the
+    coordinator keeps it only when the donor holds the workload at that epoch and the
+    bytes hash to the sha256. It becomes the workload's latest checkpoint.
+    """
+    PullCheckpoint: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.CheckpointRequest, _coordinator_pb2.CheckpointChunk]
+    """The donor a workload was assigned to (RunWorkload with a checkpoint) downloads it."""
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -60,6 +68,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """
     FetchImage: _aio.UnaryStreamMultiCallable[_coordinator_pb2.ImageRequest, _coordinator_pb2.ImageChunk]  # type: ignore[assignment]
     """An image by sha256, in chunks, from `offset` (to resume a broken download)."""
+    PushCheckpoint: _aio.StreamUnaryMultiCallable[_coordinator_pb2.CheckpointChunk, _coordinator_pb2.CheckpointInfo]  # type: ignore[assignment]
+    """The donor holding a workload uploads the guest's saved state (answer to a Checkpoint
+    with `upload`). The first chunk names workload, epoch, sha256 and total size; the
+    coordinator keeps it only when the donor holds the workload at that epoch and the
+    bytes hash to the sha256. It becomes the workload's latest checkpoint.
+    """
+    PullCheckpoint: _aio.UnaryStreamMultiCallable[_coordinator_pb2.CheckpointRequest, _coordinator_pb2.CheckpointChunk]  # type: ignore[assignment]
+    """The donor a workload was assigned to (RunWorkload with a checkpoint) downloads it."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -89,6 +105,26 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.ImageChunk], _abc.AsyncIterator[_coordinator_pb2.ImageChunk]]:
         """An image by sha256, in chunks, from `offset` (to resume a broken download)."""
 
+    @_abc_1.abstractmethod
+    def PushCheckpoint(
+        self,
+        request_iterator: _MaybeAsyncIterator[_coordinator_pb2.CheckpointChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CheckpointInfo, _abc.Awaitable[_coordinator_pb2.CheckpointInfo]]:
+        """The donor holding a workload uploads the guest's saved state (answer to a Checkpoint
+        with `upload`). The first chunk names workload, epoch, sha256 and total size; the
+        coordinator keeps it only when the donor holds the workload at that epoch and the
+        bytes hash to the sha256. It becomes the workload's latest checkpoint.
+        """
+
+    @_abc_1.abstractmethod
+    def PullCheckpoint(
+        self,
+        request: _coordinator_pb2.CheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.CheckpointChunk], _abc.AsyncIterator[_coordinator_pb2.CheckpointChunk]]:
+        """The donor a workload was assigned to (RunWorkload with a checkpoint) downloads it."""
+
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminStub:
@@ -107,6 +143,8 @@ class AdminStub:
     """No new workloads; the donor's workloads are evacuated (moved or checkpointed)."""
     RevokeDonor: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DonorRef, _coordinator_pb2.Donor]
     """The donor's certificate is refused from now on; its workloads are requeued."""
+    WorkloadHistory: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkloadRef, _coordinator_pb2.WorkloadHistoryResponse]
+    """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -122,6 +160,8 @@ class AdminAsyncStub(AdminStub):
     """No new workloads; the donor's workloads are evacuated (moved or checkpointed)."""
     RevokeDonor: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DonorRef, _coordinator_pb2.Donor]  # type: ignore[assignment]
     """The donor's certificate is refused from now on; its workloads are requeued."""
+    WorkloadHistory: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkloadRef, _coordinator_pb2.WorkloadHistoryResponse]  # type: ignore[assignment]
+    """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -182,5 +222,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.Donor, _abc.Awaitable[_coordinator_pb2.Donor]]:
         """The donor's certificate is refused from now on; its workloads are requeued."""
+
+    @_abc_1.abstractmethod
+    def WorkloadHistory(
+        self,
+        request: _coordinator_pb2.WorkloadRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.WorkloadHistoryResponse, _abc.Awaitable[_coordinator_pb2.WorkloadHistoryResponse]]:
+        """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
