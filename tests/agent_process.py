@@ -38,12 +38,12 @@ class AgentProcess:
         return self.log.read_text(errors="replace")
 
 
-def _ready(client: AgentClient) -> bool:
+def _ready(client: AgentClient, demo: bool) -> bool:
     try:
         status = client.status()
     except AgentUnavailable:
         return False
-    return any(g.name == "demo" and g.state == "running" for g in status.guests)
+    return not demo or any(g.name == "demo" and g.state == "running" for g in status.guests)
 
 
 @contextmanager
@@ -52,12 +52,20 @@ def running_agent(
     *,
     display: str | None = None,
     extra_args: tuple[str, ...] = (),
+    root: Path | None = None,
+    libvirt_uri: str | None = None,
+    demo: bool = True,
 ) -> Iterator[AgentProcess]:
-    """An agent whose demo guest burns CPU, with `settings_toml` as the owner's settings."""
-    root = shared_tmp_dir(Path(tempfile.mkdtemp(prefix="de-", dir="/tmp")))
-    (root / "config").mkdir()
+    """An agent with `settings_toml` as the owner's settings; with `demo`, a demo guest
+    that burns CPU. `root` (kept afterwards) lets a test start an agent again where a
+    killed one left its state; by default a fresh one is made and removed. `libvirt_uri`
+    (e.g. a test's own libvirtd) replaces the private embedded driver."""
+    owned = root is None
+    root = shared_tmp_dir(root or Path(tempfile.mkdtemp(prefix="de-", dir="/tmp")))
+    (root / "config").mkdir(exist_ok=True)
     (root / "config" / "settings.toml").write_text(settings_toml)
     image = build_guest()
+    demo_args = ("--demo-kernel", str(image.kernel), "--demo-initrd", str(image.initrd))
     env = dict(os.environ)
     env.pop("DISPLAY", None)
     if display is not None:
@@ -70,13 +78,12 @@ def running_agent(
         "--data-dir", str(root / "data"),
         "--cache-dir", str(root / "cache"),
         "--socket", str(root / "run" / "agent.sock"),
-        "--libvirt-uri", qemu_uri(root / "libvirt"),
-        "--demo-kernel", str(image.kernel),
-        "--demo-initrd", str(image.initrd),
+        "--libvirt-uri", libvirt_uri or qemu_uri(root / "libvirt"),
+        *(demo_args if demo else ()),
         "--watch-input", "on" if display else "off",
         *extra_args,
     ]  # fmt: skip
-    with log.open("wb") as log_file:
+    with log.open("ab") as log_file:
         process = subprocess.Popen(
             args, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -84,9 +91,9 @@ def running_agent(
     agent = AgentProcess(process, client, root, log)
     try:
         wait_for(
-            lambda: _ready(client) or process.poll() is not None,
+            lambda: _ready(client, demo) or process.poll() is not None,
             120,
-            "the agent to run its demo guest",
+            "the agent to run its demo guest" if demo else "the agent to answer",
             interval=0.2,
         )
         if process.poll() is not None:
@@ -101,8 +108,10 @@ def running_agent(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _kill_guests(root)
-        shutil.rmtree(root, ignore_errors=True)
+        if libvirt_uri is None:
+            _kill_guests(root)
+        if owned:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _kill_guests(root: Path) -> None:

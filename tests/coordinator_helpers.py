@@ -61,15 +61,20 @@ def running_coordinator(
     store_url: str | None = None,
     lease_ttl: timedelta = timedelta(seconds=30),
     report_interval: timedelta = timedelta(seconds=5),
+    fleet: FleetConfig | None = None,
+    listen: str = "127.0.0.1:0",
+    enroll_listen: str = "127.0.0.1:0",
 ) -> Iterator[RunningCoordinator]:
+    """`fleet` overrides lease_ttl/report_interval; fixed `listen` ports let a test
+    restart the coordinator where donors expect it."""
     options = ServeOptions(
         data_dir=data_dir,
-        listen="127.0.0.1:0",
-        enroll_listen="127.0.0.1:0",
+        listen=listen,
+        enroll_listen=enroll_listen,
         metrics_listen="127.0.0.1:0",
         store_url=store_url,
         hostnames=("localhost", "127.0.0.1"),
-        fleet=FleetConfig(lease_ttl=lease_ttl, report_interval=report_interval),
+        fleet=fleet or FleetConfig(lease_ttl=lease_ttl, report_interval=report_interval),
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="coordinator-loop", daemon=True)

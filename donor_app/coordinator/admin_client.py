@@ -139,6 +139,16 @@ class AdminClient:
             raise self._error(error) from None
         return reply
 
+    def move(self, workload_id: str, target: str = "", cold: bool = False) -> pb.Workload:
+        try:
+            reply: pb.Workload = self._stub.MoveWorkload(
+                pb.MoveWorkloadRequest(id=workload_id, target_donor_id=target, cold=cold),
+                timeout=self._timeout,
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return reply
+
     def donors(self) -> list[pb.Donor]:
         try:
             reply: pb.ListDonorsResponse = self._stub.ListDonors(

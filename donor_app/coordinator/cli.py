@@ -102,6 +102,17 @@ def _add_move_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_history_and_move(workload: Any, output: argparse.ArgumentParser) -> None:
+    history = workload.add_parser(
+        "history", help="where a workload ran and how it moved", parents=[output]
+    )
+    history.add_argument("id")
+    move = workload.add_parser("move", help="move a workload to another donor", parents=[output])
+    move.add_argument("id")
+    move.add_argument("--to", default="", metavar="DONOR", help="default: the best idle donor")
+    move.add_argument("--cold", action="store_true", help="through a checkpoint, not live")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="donor-coordinator", description="The donor fleet's coordinator and its admin tool."
@@ -164,10 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     workload.add_parser("list", help="all workloads, where they run", parents=[output])
     cancel = workload.add_parser("cancel", help="stop a workload everywhere", parents=[output])
     cancel.add_argument("id")
-    history = workload.add_parser(
-        "history", help="where a workload ran and how it moved", parents=[output]
-    )
-    history.add_argument("id")
+    _add_history_and_move(workload, output)
 
     donor = commands.add_parser("donor", help="donors").add_subparsers(dest="action", required=True)
     donor.add_parser("list", help="enrolled donors", parents=[output])
@@ -383,6 +391,8 @@ def _admin(args: argparse.Namespace, data_dir: Path) -> int:
             print(workload.id if not args.json else json.dumps({"id": workload.id}))
         elif args.command == "workload" and args.action == "list":
             _print_workloads(client.workloads(), args.json)
+        elif args.command == "workload" and args.action == "move":
+            _print_workloads([client.move(args.id, args.to, args.cold)], args.json)
         elif args.command == "workload" and args.action == "history":
             _print_history(client.history(args.id), args.json)
         elif args.command == "workload":

@@ -74,6 +74,10 @@ _REPORTED = {
 }
 
 
+# Policy levels at which a donor asks for its guests to be moved away (Report.level).
+RECLAIMING_LEVELS = frozenset({"evacuate", "checkpoint"})
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -517,6 +521,8 @@ class Fleet:
                 or session.capacity is None
                 or session.closed
                 or (donor is not None and (donor.drained or donor.revoked))
+                # Its owner stayed and it is handing its guests back: give it none.
+                or session.level in RECLAIMING_LEVELS
             ):
                 continue
             capacity = session.capacity
@@ -558,11 +564,19 @@ class Fleet:
         self._epoch_floor[record.workload_id] = epoch
         return epoch
 
-    async def _evacuate(self, session: DonorSession, record: WorkloadRecord, reason: str) -> None:
-        """Under the lock: start moving `record` off `session`'s donor — live to the best
-        idle donor, or (no donor has room) checkpoint it and requeue it."""
+    async def _evacuate(
+        self,
+        session: DonorSession,
+        record: WorkloadRecord,
+        reason: str,
+        target: str | None = None,
+        cold: bool = False,
+    ) -> None:
+        """Under the lock: start moving `record` off `session`'s donor — live to `target`
+        (default: the best idle donor), cold if asked, or (no donor has room) checkpoint
+        it and requeue it."""
         now = self._clock()
-        target = evacuation_target(
+        target = target or evacuation_target(
             _demand(record), self._offers(exclude=[session.donor_id]), session.donor_id
         )
         target_session = self._sessions.get(target) if target else None
@@ -613,6 +627,22 @@ class Fleet:
         if updated is None:
             return
         limits = self.config.migration
+        if cold:
+            move = Move(
+                record.workload_id,
+                session.donor_id,
+                record.epoch,
+                target,
+                target_epoch,
+                Phase.SAVING,
+                now,
+                now + self.config.cold_move_deadline,
+                reason,
+                live_error="cold by request",
+            )
+            self._moves[record.workload_id] = move
+            session.send(link.Checkpoint(record.workload_id, record.epoch, upload=True))
+            return
         self._moves[record.workload_id] = Move(
             record.workload_id,
             session.donor_id,
@@ -641,6 +671,9 @@ class Fleet:
                 await self._on_migrated(command, result)
             elif isinstance(command, link.Checkpoint):
                 await self._on_checkpointed(session, command, result)
+            elif isinstance(command, link.StopWorkload) and not result.ok:
+                # e.g. a guest still arriving: ask again when it is reported stopped.
+                session.cleaned.discard((command.workload_id, command.epoch))
             elif isinstance(command, link.RunWorkload) and not result.ok:
                 record = self._workloads.get(command.workload_id)
                 if record is not None and record.epoch == command.epoch:
@@ -1195,6 +1228,37 @@ class Fleet:
             if session is not None and record.state in HELD_STATES:
                 session.send(link.StopWorkload(workload_id, record.epoch, "cancelled"))
             return updated
+
+    async def move(
+        self, workload_id: str, target: str | None = None, cold: bool = False
+    ) -> WorkloadRecord:
+        """The admin's move: off its donor now, to `target` or the best idle donor."""
+        async with self._lock:
+            record = self._workloads.get(workload_id)
+            if record is None:
+                raise Refused(Code.NOT_FOUND, f"id: no active workload {workload_id}")
+            session = self._sessions.get(record.donor_id or "")
+            if record.state not in (WorkloadState.RUNNING, WorkloadState.PAUSED) or session is None:
+                raise Refused(
+                    Code.FAILED_PRECONDITION,
+                    f"workload {workload_id} is {record.state.value}"
+                    + ("" if session else " and its donor is not connected")
+                    + ": only a running or paused workload on a connected donor can move",
+                )
+            if workload_id in self._moves:
+                raise Refused(Code.FAILED_PRECONDITION, f"workload {workload_id} is moving already")
+            if target is not None:
+                if target == record.donor_id:
+                    raise Refused(
+                        Code.INVALID_ARGUMENT, f"target_donor_id: {target} already runs it"
+                    )
+                if target not in self._sessions:
+                    raise Refused(
+                        Code.FAILED_PRECONDITION,
+                        f"target_donor_id: donor {target} is not connected",
+                    )
+            await self._evacuate(session, record, "moved by the administrator", target, cold)
+            return self._workloads.get(workload_id, record)
 
     async def _donor(self, donor_id: str) -> DonorRecord:
         donor = await self._io(self.store.get_donor, donor_id)

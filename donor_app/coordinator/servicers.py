@@ -397,6 +397,17 @@ class AdminServicer(pb_grpc.AdminServicer):
 
         return await self._run("WorkloadHistory", context, call)
 
+    async def MoveWorkload(
+        self, request: pb.MoveWorkloadRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.Workload:
+        async def call() -> pb.Workload:
+            record = await self._fleet.move(
+                request.id, request.target_donor_id or None, cold=request.cold
+            )
+            return serde.workload_to_proto(record)
+
+        return await self._run("MoveWorkload", context, call)
+
     async def CancelWorkload(
         self, request: pb.WorkloadRef, context: aio.ServicerContext[Any, Any]
     ) -> pb.Workload:

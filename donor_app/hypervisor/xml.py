@@ -120,3 +120,74 @@ def build_isolated_network_xml() -> str:
     _sub(network, "bridge", name=ISOLATED_BRIDGE, stp="on", delay="0")
     ET.indent(network)
     return ET.tostring(network, encoding="unicode") + "\n"
+
+
+def _set_text(os_el: ET.Element | None, tag: str, path: Path | None) -> None:
+    element = os_el.find(tag) if os_el is not None else None
+    if element is None:
+        if path is not None:
+            raise ValueError(f"files.{tag}: given, but the domain XML boots no <{tag}>")
+        return
+    if path is None:
+        raise ValueError(f"files.{tag}: the domain XML boots a <{tag}> but none was given")
+    element.text = str(path)
+
+
+def _retarget_console(devices: ET.Element, console_log: Path) -> None:
+    # <console> repeats the serial port's source: both must name this host's file.
+    for chardev in (*devices.findall("serial"), *devices.findall("console")):
+        if chardev.get("type") == "file":
+            source = chardev.find("source")
+            if source is not None and source.get("path") is not None:
+                source.set("path", str(console_log))
+        log_el = chardev.find("log")
+        if log_el is not None and log_el.get("file") is not None:
+            # Same file name, in this host's directory for the guest's console.
+            log_el.set("file", str(console_log.parent / Path(log_el.get("file", "")).name))
+
+
+def _retarget_disk(devices: ET.Element, overlay: Path | None) -> None:
+    sources = [
+        source
+        for disk in devices.findall("disk")
+        if disk.get("device", "disk") == "disk"
+        for source in disk.findall("source")
+        if source.get("file") is not None
+    ]
+    if overlay is None:
+        if sources:
+            raise ValueError("files.disk_overlay: the domain XML has a disk but none was given")
+        return
+    if len(sources) != 1:
+        raise ValueError(
+            f"files.disk_overlay: the domain XML has {len(sources)} file disks, expected 1"
+        )
+    sources[0].set("file", str(overlay))
+
+
+def retarget_domain_xml(xml: str, *, domain_name: str, files: BootFiles, console_log: Path) -> str:
+    """Rewrite another host's domain XML (migratable, or from a save image) for this host.
+
+    Only host-local paths change: kernel, initrd, the console file (and a chardev <log>),
+    the disk overlay. Name, uuid, devices and their addresses stay as they are, since
+    libvirt checks the guest ABI is unchanged. ValueError names the field that does not
+    fit (a domain of another name, a kernel given for a domain that boots none, …).
+    """
+    # Elements in other namespaces (<qemu:commandline>, <metadata>) come back with
+    # ElementTree's own prefixes (ns0:…): libvirt matches them by namespace URI, not prefix.
+    domain = ET.fromstring(xml)
+    if domain.tag != "domain":
+        raise ValueError(f"xml: the root element is <{domain.tag}>, not <domain>")
+    name = domain.findtext("name")
+    if name != domain_name:
+        raise ValueError(f"name: the domain XML is for {name!r}, not {domain_name!r}")
+    os_el = domain.find("os")
+    _set_text(os_el, "kernel", files.kernel)
+    _set_text(os_el, "initrd", files.initrd)
+    devices = domain.find("devices")
+    if devices is not None:
+        _retarget_console(devices, console_log)
+        _retarget_disk(devices, files.disk_overlay)
+    elif files.disk_overlay is not None:
+        raise ValueError("files.disk_overlay: given, but the domain XML has no devices")
+    return ET.tostring(domain, encoding="unicode") + "\n"

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from donor_app.coordinator.model import (
     Capacity,
+    CheckpointRef,
     DonorRecord,
     DonorSeen,
     IdleSample,
@@ -41,8 +43,15 @@ from donor_app.coordinator.store import (
     default_sqlite_url,
     open_store,
 )
-from donor_app.coordinator.store.migrate import current_revision, head_revision, upgrade
-from donor_app.coordinator.store.schema import metadata, tokens
+from donor_app.coordinator.store.migrate import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade,
+)
+from donor_app.coordinator.store.schema import donors as donors_table
+from donor_app.coordinator.store.schema import metadata, tokens, workloads
+from donor_app.coordinator.store.sql import make_engine, vmspec_to_json
 from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
 from tests.postgres import fresh_database, running_postgres
 
@@ -152,6 +161,18 @@ def workload(
         donor_id=donor_id,
         epoch=epoch,
         lease_until=lease_until,
+    )
+
+
+def checkpoint_ref(
+    sha256: str = SHA_A, *, epoch: int = 1, donor_id: str = "d1", taken: timedelta = timedelta(0)
+) -> CheckpointRef:
+    return CheckpointRef(
+        sha256=sha256,
+        size=3 * 1024 * 1024 * 1024 + 7,  # more than 32 bits
+        epoch=epoch,
+        taken_at=T0 + timedelta(minutes=5, microseconds=42) + taken,
+        donor_id=donor_id,
     )
 
 
@@ -480,6 +501,103 @@ def test_update_workload_conflict_changes_nothing(store: SqlStore) -> None:
     assert store.workload_events("w1") == events_before
 
 
+def test_checkpoint_is_set_replaced_and_cleared(store: SqlStore) -> None:
+    store.add_donor(donor("d1"))
+    store.add_donor(donor("d2"))
+    held = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=1, lease_until=T0)
+    add_workloads(store, held, workload("w2"))
+    assert store.get_workload("w1") == held  # no checkpoint yet
+    assert held.checkpoint is None
+
+    first = checkpoint_ref(epoch=1, donor_id="d1")
+    now = T0 + timedelta(minutes=6)
+    saved = WorkloadEvent("w1", now, "checkpointed", donor_id="d1", epoch=1)
+    updated = store.update_workload(
+        "w1",
+        expected_epoch=1,
+        event=saved,
+        state=WorkloadState.CHECKPOINTED,
+        checkpoint=first,
+        now=now,
+    )
+    expected = replace(held, state=WorkloadState.CHECKPOINTED, checkpoint=first, updated_at=now)
+    assert updated == expected
+    # Every read gives it back.
+    assert store.get_workload("w1") == expected
+    assert store.list_workloads() == [expected, workload("w2")]
+    assert store.list_workloads(donor_id="d1") == [expected]
+    assert store.expired_leases(T0 + timedelta(seconds=1)) == [expected]
+    assert store.workload_events("w1")[-1] == saved
+
+    # Moving the workload leaves the checkpoint alone (it restarts from it).
+    moved = store.update_workload("w1", expected_epoch=1, donor_id="d2", epoch=2, now=now)
+    assert moved.checkpoint == first
+
+    # A later checkpoint replaces it: only the latest is kept.
+    second = checkpoint_ref(SHA_B, epoch=2, donor_id="d2", taken=timedelta(hours=1))
+    replaced = store.update_workload("w1", expected_epoch=2, checkpoint=second, now=now)
+    assert replaced.checkpoint == second
+    assert store.get_workload("w1") == replaced
+
+    cleared = store.update_workload("w1", expected_epoch=2, clear_checkpoint=True, now=now)
+    assert cleared.checkpoint is None
+    assert store.get_workload("w1") == replace(replaced, checkpoint=None)
+    assert store.get_workload("w2") == workload("w2")  # the other workload untouched
+
+
+def test_conflict_leaves_the_old_checkpoint(store: SqlStore) -> None:
+    store.add_donor(donor("d1"))
+    add_workloads(store, workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=3))
+    first = checkpoint_ref(epoch=3)
+    before = store.update_workload("w1", expected_epoch=3, checkpoint=first, now=T0)
+    events_before = store.workload_events("w1")
+    for stale in (2, 4):
+        with pytest.raises(Conflict):
+            store.update_workload(
+                "w1",
+                expected_epoch=stale,
+                event=WorkloadEvent("w1", T0, "checkpointed", epoch=stale),
+                checkpoint=checkpoint_ref(SHA_B, epoch=stale),
+                now=T0 + timedelta(hours=1),
+            )
+        with pytest.raises(Conflict):
+            store.update_workload(
+                "w1", expected_epoch=stale, clear_checkpoint=True, now=T0 + timedelta(hours=1)
+            )
+    assert store.get_workload("w1") == before
+    assert before.checkpoint == first
+    assert store.workload_events("w1") == events_before
+
+
+def test_add_workload_keeps_its_checkpoint(store: SqlStore) -> None:
+    """A checkpoint names its donor without a foreign key: one never enrolled here (or
+    removed since) does not block it."""
+    record = replace(workload("w1"), checkpoint=checkpoint_ref(donor_id="gone-donor"))
+    add_workloads(store, record)
+    assert store.get_workload("w1") == record
+    assert store.list_workloads() == [record]
+
+
+def test_update_workload_refuses_bad_checkpoints(store: SqlStore) -> None:
+    add_workloads(store, workload("w1"))
+    naive = replace(checkpoint_ref(), taken_at=datetime(2025, 1, 1, 12, 0))
+    bad = [
+        {"checkpoint": checkpoint_ref(), "clear_checkpoint": True},
+        {"checkpoint": naive},
+        {"checkpoint": checkpoint_ref("A" * 64)},
+        {"checkpoint": checkpoint_ref("a" * 65)},
+        {"checkpoint": checkpoint_ref(donor_id="x" * 65)},
+        {"checkpoint": replace(checkpoint_ref(), size=-1)},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            store.update_workload("w1", expected_epoch=0, now=T0, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        store.add_workload(replace(workload("w2"), checkpoint=naive), submitted(workload("w2")))
+    assert store.get_workload("w1") == workload("w1")
+    assert store.get_workload("w2") is None
+
+
 def test_update_unknown_workload_is_key_error(store: SqlStore) -> None:
     with pytest.raises(KeyError):
         store.update_workload("nope", expected_epoch=0, state=WorkloadState.FAILED, now=T0)
@@ -693,6 +811,99 @@ def test_upgrading_an_upgraded_database_is_a_no_op(store: SqlStore, store_url: s
     assert uses_left(store, "tok1") == 4
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(tokens)).scalar_one() == 1
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Take the database at `url` down to `revision` (the product only upgrades)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                # As migrate.upgrade does: a table rebuild with foreign keys on would
+                # fail. The pragma is a no-op inside a transaction, hence the driver.
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                driver.execute("PRAGMA foreign_keys=OFF")
+            with conn.begin():
+                config = alembic_config()
+                config.attributes["connection"] = conn
+                command.downgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def workload_columns(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns("workloads")}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_r0002_keeps_workloads_without_checkpoint(store_url: str) -> None:
+    upgrade(store_url, "r0001")
+    assert current_revision(store_url) == "r0001"
+    assert "checkpoint_sha256" not in workload_columns(store_url)
+    held = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=2, lease_until=T0)
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            # Written as an r0001 coordinator would: only the columns it knew.
+            conn.execute(
+                donors_table.insert().values(
+                    donor_id="d1", hostname="d1.example.org", cert_sha256=SHA_B, enrolled_at=T0
+                )
+            )
+            conn.execute(
+                workloads.insert().values(
+                    workload_id=held.workload_id,
+                    spec=vmspec_to_json(held.spec),
+                    priority=held.priority,
+                    state=held.state.value,
+                    created_at=held.created_at,
+                    updated_at=held.updated_at,
+                    donor_id=held.donor_id,
+                    epoch=held.epoch,
+                    lease_until=held.lease_until,
+                    detail=held.detail,
+                )
+            )
+    finally:
+        engine.dispose()
+
+    opened = open_store(store_url)  # upgrades to head
+    try:
+        assert current_revision(store_url) == head_revision()
+        assert opened.get_workload("w1") == held
+        assert opened.list_workloads() == [held]
+        cp = checkpoint_ref(epoch=2)
+        assert (
+            opened.update_workload("w1", expected_epoch=2, checkpoint=cp, now=T0).checkpoint == cp
+        )
+    finally:
+        opened.close()
+
+
+def test_downgrade_from_r0002_drops_only_the_checkpoint(store_url: str) -> None:
+    opened = open_store(store_url)
+    try:
+        opened.add_donor(donor("d1"))
+        held = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=2, lease_until=T0)
+        add_workloads(opened, held)
+        opened.update_workload("w1", expected_epoch=2, checkpoint=checkpoint_ref(), now=T0)
+    finally:
+        opened.close()
+
+    downgrade(store_url, "r0001")
+    assert current_revision(store_url) == "r0001"
+    assert not any(c.startswith("checkpoint_") for c in workload_columns(store_url))
+
+    again = open_store(store_url)
+    try:
+        assert again.get_workload("w1") == held  # the row stayed; its checkpoint went
+        assert again.workload_events("w1") == [submitted(held)]
+    finally:
+        again.close()
 
 
 def test_reopening_keeps_the_data(store: SqlStore, store_url: str) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -290,6 +291,12 @@ class FleetWorkloads:
             held_epoch = self._held.get(workload_id)
         if held_epoch is not None and held_epoch > command.epoch:
             raise WorkloadError(f"held at epoch {held_epoch}, newer than {command.epoch}")
+        with self._lock:
+            incoming = workload_id in self._incoming
+        if incoming and self._exists(workload_id) and not self._hv.arrived(workload_id):
+            # A migration to here is under way: it ends on its own (arrived → reported
+            # running; failed → gone). Destroying it now could lose the guest.
+            raise WorkloadError(f"{workload_id} is arriving by live migration; try later")
         try:
             self._on_engine(lambda: self._remove(workload_id))
         except HypervisorError as error:
@@ -394,6 +401,7 @@ class FleetWorkloads:
         with self._lock:
             self._held.pop(workload_id, None)
             self._save()
+        shutil.rmtree(self._hv.guest_dir(workload_id), ignore_errors=True)  # its old console
         log.info(
             "workload %s migrated to donor %s in %.1f s",
             workload_id,

@@ -1174,6 +1174,33 @@ class WorkloadRef(_message.Message):
 Global___WorkloadRef: _TypeAlias = WorkloadRef  # noqa: Y015
 
 @_typing.final
+class MoveWorkloadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TARGET_DONOR_ID_FIELD_NUMBER: _builtins.int
+    COLD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    target_donor_id: _builtins.str
+    """empty: the best idle donor"""
+    cold: _builtins.bool
+    """through a checkpoint, without trying live migration"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        target_donor_id: _builtins.str = ...,
+        cold: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold", b"cold", "id", b"id", "target_donor_id", b"target_donor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveWorkloadRequest: _TypeAlias = MoveWorkloadRequest  # noqa: Y015
+
+@_typing.final
 class ListWorkloadsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -333,6 +333,11 @@ class AdminStub:
                 request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.SerializeToString,
                 response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.FromString,
                 _registered_method=True)
+        self.MoveWorkload = channel.unary_unary(
+                '/donor.v1.Admin/MoveWorkload',
+                request_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.MoveWorkloadRequest.SerializeToString,
+                response_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Workload.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -396,6 +401,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveWorkload(self, request, context):
+        """Move a running workload to another donor now (live, or cold if asked or if live
+        migration is impossible); the target is chosen as for a reclaim unless named.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -443,6 +456,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WorkloadHistory,
                     request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.FromString,
                     response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.SerializeToString,
+            ),
+            'MoveWorkload': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveWorkload,
+                    request_deserializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.MoveWorkloadRequest.FromString,
+                    response_serializer=donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Workload.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -688,6 +706,33 @@ class Admin:
             '/donor.v1.Admin/WorkloadHistory',
             donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadRef.SerializeToString,
             donor__app_dot_proto_dot_v1_dot_coordinator__pb2.WorkloadHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveWorkload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/donor.v1.Admin/MoveWorkload',
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.MoveWorkloadRequest.SerializeToString,
+            donor__app_dot_proto_dot_v1_dot_coordinator__pb2.Workload.FromString,
             options,
             channel_credentials,
             insecure,

@@ -145,6 +145,10 @@ class AdminStub:
     """The donor's certificate is refused from now on; its workloads are requeued."""
     WorkloadHistory: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WorkloadRef, _coordinator_pb2.WorkloadHistoryResponse]
     """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
+    MoveWorkload: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.MoveWorkloadRequest, _coordinator_pb2.Workload]
+    """Move a running workload to another donor now (live, or cold if asked or if live
+    migration is impossible); the target is chosen as for a reclaim unless named.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -162,6 +166,10 @@ class AdminAsyncStub(AdminStub):
     """The donor's certificate is refused from now on; its workloads are requeued."""
     WorkloadHistory: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WorkloadRef, _coordinator_pb2.WorkloadHistoryResponse]  # type: ignore[assignment]
     """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
+    MoveWorkload: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.MoveWorkloadRequest, _coordinator_pb2.Workload]  # type: ignore[assignment]
+    """Move a running workload to another donor now (live, or cold if asked or if live
+    migration is impossible); the target is chosen as for a reclaim unless named.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -230,5 +238,15 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.WorkloadHistoryResponse, _abc.Awaitable[_coordinator_pb2.WorkloadHistoryResponse]]:
         """A workload and its history: placements, moves (live or cold), checkpoints, requeues."""
+
+    @_abc_1.abstractmethod
+    def MoveWorkload(
+        self,
+        request: _coordinator_pb2.MoveWorkloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.Workload, _abc.Awaitable[_coordinator_pb2.Workload]]:
+        """Move a running workload to another donor now (live, or cold if asked or if live
+        migration is impossible); the target is chosen as for a reclaim unless named.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
