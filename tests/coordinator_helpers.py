@@ -138,6 +138,7 @@ class RawDonor:
         self._seq = 0
         self.error: grpc.RpcError | None = None
         stub = pb_grpc.CoordinatorStub(self._channel)
+        self.stub = stub  # for the unary and streaming calls beside Connect
         self._call = stub.Connect(self._requests())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -154,9 +154,7 @@ class LibvirtDaemon:
             source = SYSTEM_CONFIG / filename
             if source.exists():
                 shutil.copy2(source, etc / filename)
-        (etc / "libvirtd.conf").write_text(
-            _libvirtd_conf(self.root / "run", str(uuid.uuid4()))
-        )
+        (etc / "libvirtd.conf").write_text(_libvirtd_conf(self.root / "run", str(uuid.uuid4())))
 
     def start(self) -> None:
         """Start virtlogd and libvirtd; return once libvirtd accepts connections."""

@@ -9,6 +9,7 @@ the guest-visible pause (the largest gap between consecutive ticks).
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -106,7 +107,7 @@ def largest_gap_ms(ticks: list[Tick], since: float, until: float) -> float:
     window = [t.at for t in ticks if since <= t.at <= until]
     if len(window) < 2:
         return float("inf")
-    return max(b - a for a, b in zip(window, window[1:], strict=False)) * 1000
+    return max(b - a for a, b in itertools.pairwise(window)) * 1000
 
 
 def check_continuity(ticks: list[Tick]) -> None:

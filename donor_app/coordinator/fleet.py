@@ -950,8 +950,7 @@ class Fleet:
 
     async def _sweep_moves(self, now: datetime) -> None:
         """Moves past their deadline are given up (the guest stays at the source); a
-        workload left evacuating by a restart is released for its donor's next reclaim;
-        running workloads due a periodic checkpoint are asked for one."""
+        workload left evacuating by a restart is released for its donor's next reclaim."""
         async with self._lock:
             for move in [m for m in self._moves.values() if m.deadline < now]:
                 self._moves.pop(move.workload_id, None)
@@ -995,7 +994,6 @@ class Fleet:
                         state=WorkloadState.PAUSED,
                         detail="a move was interrupted by a coordinator restart",
                     )
-        self._ask_periodic_checkpoints(now)
 
     def _ask_periodic_checkpoints(self, now: datetime) -> None:
         interval = self.config.checkpoint_interval
@@ -1096,6 +1094,7 @@ class Fleet:
     async def sweep(self) -> None:
         """Requeue workloads whose lease ended; mark silent donors lost."""
         now = self._clock()
+        self._ask_periodic_checkpoints(now)
         if now < self._grace_until:
             return
         await self._sweep_moves(now)

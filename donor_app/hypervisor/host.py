@@ -18,11 +18,11 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import libvirt
 
@@ -38,7 +38,16 @@ from donor_app.hypervisor.xml import (
     BootFiles,
     build_domain_xml,
     build_isolated_network_xml,
+    retarget_domain_xml,
 )
+
+if TYPE_CHECKING:
+    from donor_app.hypervisor.migration import (
+        MigrationOptions,
+        MigrationOutcome,
+        MigrationProgress,
+        MigrationTarget,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,11 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: GuestState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: GuestState.PAUSED,
 }
+
+
+def guest_state_of(dom: Any) -> GuestState:
+    """A virDomain's state (raises libvirtError when libvirt no longer has it)."""
+    return _STATES.get(dom.state()[0], GuestState.OTHER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +571,130 @@ class Hypervisor:
         dom = self._domain("has_managed_save", guest)
         with self._call("has_managed_save", guest):
             return bool(dom.hasManagedSaveImage(0))
+
+    # --- moving guests between hosts --------------------------------------------------
+
+    def prepare_files(self, spec: VmSpec) -> tuple[BootFiles, Path]:
+        """This host's files for `spec` (boot files from the image cache, which must hold
+        them already, and the console log path), for a guest arriving from another host.
+
+        Creates the guest's directory. Only kernel-boot guests move: a disk guest's
+        overlay holds state that a live migration here does not copy.
+        """
+        if isinstance(spec.boot, DiskBoot):
+            raise HypervisorError(
+                "prepare_files", spec.name, "live migration of disk guests is not supported"
+            )
+        guest_dir = self.guest_dir(spec.name)
+        guest_dir.mkdir(parents=True, exist_ok=True)
+        guest_dir.chmod(0o755)  # QEMU (another user under qemu:///system) writes in it
+        return self._boot_files(spec), self.console_path(spec.name)
+
+    def migratable_xml(self, guest: str) -> str:
+        """The running guest's definition as another host's libvirt accepts it."""
+        dom = self._domain("migratable_xml", guest)
+        with self._call("migratable_xml", guest):
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+
+    def restore_elsewhere(self, spec: VmSpec, save_path: Path, *, paused: bool = False) -> None:
+        """Bring back a guest that another host saved (`save()`) to `save_path`.
+
+        The save image's definition is rewritten for this host's files, defined here
+        persistently (same uuid) and restored. Nothing is left defined when this raises.
+        """
+        self._forget(spec.name)
+        if self.exists(spec.name):
+            raise HypervisorError("restore", spec.name, "a guest with this name already exists")
+        with self._call("restore", spec.name):
+            saved_xml = self._conn.saveImageGetXMLDesc(str(save_path), 0)
+        files, console_log = self.prepare_files(spec)
+        try:
+            xml = retarget_domain_xml(
+                saved_xml,
+                domain_name=self.domain_name(spec.name),
+                files=files,
+                console_log=console_log,
+            )
+            self._define_and_restore(spec.name, xml, save_path, paused)
+        except ValueError as exc:
+            shutil.rmtree(self.guest_dir(spec.name), ignore_errors=True)
+            raise HypervisorError(
+                "restore", spec.name, f"{save_path} does not fit this guest: {exc}"
+            ) from exc
+        except BaseException:
+            shutil.rmtree(self.guest_dir(spec.name), ignore_errors=True)
+            raise
+
+    def _define_and_restore(self, guest: str, xml: str, save_path: Path, paused: bool) -> None:
+        with self._call("restore", guest):
+            dom = self._conn.defineXML(xml)
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0
+        try:
+            with self._call("restore", guest):
+                self._conn.restoreFlags(str(save_path), xml, flags)
+        except BaseException:
+            self._forget(guest)
+            try:
+                dom.undefine()
+            except libvirt.libvirtError as exc:
+                log.warning("could not undefine %s after a failed restore: %s", guest, exc)
+            raise
+
+    def arrived(self, guest: str) -> bool:
+        """False while the guest is still arriving here by live migration.
+
+        During an incoming migration libvirt shows the guest paused and transient, and
+        the source still runs it; libvirt makes it persistent (PERSIST_DEST) only once
+        the move is done. Guests defined here are persistent from the start.
+        """
+        dom = self._domain("arrived", guest)
+        with self._call("arrived", guest):
+            if not dom.isPersistent():
+                return False
+            stats = dom.jobStats(0) if dom.isActive() else {}
+        return bool(stats.get("operation") != libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN)
+
+    def migrate_live(
+        self,
+        guest: str,
+        target: MigrationTarget,
+        options: MigrationOptions,
+        progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationOutcome:
+        """Move the running guest to another host's libvirt while it runs (migration.py).
+
+        On success the guest is gone from this host (undefined, its files removed). On
+        MigrationError it is still here, running if it was (see `source_state`).
+        """
+        # migration.py builds on this module (GuestState), so it is imported here.
+        from donor_app.hypervisor import migration  # noqa: PLC0415
+
+        dom = self._domain("migrate", guest)
+        # A duty cycle's suspend/resume would fight the pause libvirt takes at the end.
+        self._stop_duty(guest)
+        try:
+            outcome = migration.migrate_live(dom, guest, target, options, progress)
+        except migration.MigrationError:
+            self._restart_duty(guest, dom)
+            raise
+        with self._lock:
+            self._caps.pop(guest, None)
+        self._forget(guest)
+        shutil.rmtree(self.guest_dir(guest), ignore_errors=True)
+        return outcome
+
+    def _restart_duty(self, guest: str, dom: Any) -> None:
+        """Put a duty-cycle cap back on a guest that stayed here, running."""
+        with self._lock:
+            cap = self._caps.get(guest, 100.0)
+        if not (0 < cap < 100 and self._cpu_cap_mode == "duty-cycle"):
+            return
+        try:
+            running = guest_state_of(dom) is GuestState.RUNNING
+        except libvirt.libvirtError:
+            return
+        if running:
+            self._start_duty(guest, dom, cap)
 
     # --- usage ------------------------------------------------------------------------
 

@@ -186,8 +186,7 @@ def kill_donor(donor: Donor) -> None:
 def idle_donors(admin: AdminClient, count: int) -> list[pb.Donor]:
     return wait_for(
         lambda: (
-            len(d := [d for d in admin.donors() if d.connected and d.capacity.idle]) >= count
-            and d
+            len(d := [d for d in admin.donors() if d.connected and d.capacity.idle]) >= count and d
         ),
         60,
         f"{count} donors listed as idle",

@@ -422,51 +422,6 @@ def test_a_lost_donor_s_workload_moves_and_its_stale_copy_is_fenced(
         second.close()
 
 
-def test_a_reclaim_is_answered_with_a_target_or_a_checkpoint(
-    coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
-) -> None:
-    busy = RawDonor(coordinator.endpoints.address, enroll(coordinator, _token(admin)))
-    try:
-        busy.hello()
-        workload = admin.submit(_spec("movable", _image(admin, tmp_path)))
-        busy.next_command()
-        busy.send(
-            link.Report(capacity(), (link.GuestReport(workload.id, 1, link.GuestState.PAUSED),))
-        )
-        busy.send(link.Reclaim((workload.id,), "owner_active"))
-        answer = busy.next_command()
-        assert answer.message == link.Checkpoint(workload.id, 1)  # nobody else has room
-
-        idle = RawDonor(coordinator.endpoints.address, enroll(coordinator, _token(admin)))
-        try:
-            idle.hello()
-            wait_for(
-                lambda: sum(d.connected for d in admin.donors()) == 2,
-                timeout=10,
-                what="both donors connected",
-            )
-            busy.send(
-                link.Report(capacity(), (link.GuestReport(workload.id, 1, link.GuestState.PAUSED),))
-            )
-            busy.send(link.Reclaim((workload.id,), "owner_active"))
-            answer = busy.next_command()
-            assert answer.message == link.Evacuate(workload.id, 1, idle.creds.donor_id)
-            wait_for(
-                lambda: admin.workloads()[0].state == pb.WORKLOAD_STATE_EVACUATING,
-                timeout=10,
-                what="the workload evacuating",
-            )
-            # The donor cannot move it (no live migration yet): the coordinator falls
-            # back to a checkpoint.
-            busy.send(link.CommandResult(answer.seq, False, "live migration is not available"))
-            fallback = busy.next_command()
-            assert fallback.message == link.Checkpoint(workload.id, 1)
-        finally:
-            idle.close()
-    finally:
-        busy.close()
-
-
 def test_cancel_stops_the_workload_on_its_donor(
     coordinator: RunningCoordinator, admin: AdminClient, donor: RawDonor, tmp_path: Path
 ) -> None:

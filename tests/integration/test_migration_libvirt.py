@@ -1,0 +1,287 @@
+"""Live migration, and restore from another host's save, between two donors' libvirtd.
+
+Two private libvirt daemons (tests/libvirtd.py) stand for two donor machines; each has a
+Hypervisor with its own image cache and state dir, so every host-local path differs as
+it would between machines. The tiny guest's counter on its serial console shows that a
+guest kept its state: after a move it goes on from where it was, it does not restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from donor_app.domain.vm import VmSpec
+from donor_app.hypervisor.errors import HypervisorError
+from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.images import ImageCache
+from donor_app.hypervisor.migration import (
+    MigrationError,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationTarget,
+)
+from donor_app.hypervisor.xml import BootFiles
+from tests.guests import TICK, add_tiny_guest, console_ticks, shared_tmp_dir, tiny_guest_spec
+from tests.libvirtd import LibvirtDaemon, running_libvirtd
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+_names = itertools.count()
+LOOPBACK = "tcp://127.0.0.1"
+
+
+@dataclass
+class Donor:
+    """One "machine": its libvirtd and the Hypervisor the agent there would use."""
+
+    daemon: LibvirtDaemon
+    hv: Hypervisor
+    images: tuple[str, str]
+    home: Path
+
+    def reconnect(self) -> None:
+        """After the daemon was killed: start it again and open a new connection."""
+        with suppress(HypervisorError):
+            self.hv.close()
+        if self.daemon.pid is None:
+            self.daemon.start()
+        self.hv = _open_hypervisor(self.daemon, self.home)
+
+    def target_for(self, spec: VmSpec) -> MigrationTarget:
+        files, console = self.hv.prepare_files(spec)
+        return MigrationTarget(self.daemon.uri, LOOPBACK, files, console)
+
+
+def _open_hypervisor(daemon: LibvirtDaemon, home: Path) -> Hypervisor:
+    return Hypervisor.open(daemon.uri, images=ImageCache(home / "images"), state_dir=home / "state")
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    # Short, under /tmp: the daemons' Unix sockets must stay under 108 bytes, and QEMU
+    # (user libvirt-qemu) must traverse it to the images and consoles.
+    path = shared_tmp_dir(Path(tempfile.mkdtemp(prefix="mg-", dir="/tmp")))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def donor_pair(workdir: Path) -> Iterator[tuple[Donor, Donor]]:
+    with running_libvirtd(workdir, "a") as daemon_a, running_libvirtd(workdir, "b") as daemon_b:
+        donors = []
+        for daemon in (daemon_a, daemon_b):
+            home = shared_tmp_dir(workdir / f"donor-{daemon.name}")
+            images = add_tiny_guest(ImageCache(home / "images"))
+            donors.append(Donor(daemon, _open_hypervisor(daemon, home), images, home))
+        try:
+            yield donors[0], donors[1]
+        finally:
+            for donor in donors:
+                with suppress(HypervisorError):
+                    donor.hv.close()
+
+
+@pytest.fixture
+def donors(donor_pair: tuple[Donor, Donor]) -> Iterator[tuple[Donor, Donor]]:
+    """Both donors up (a test may have killed one); their guests removed afterwards."""
+    for donor in donor_pair:
+        if donor.daemon.pid is None:
+            donor.reconnect()
+    yield donor_pair
+    for donor in donor_pair:
+        if donor.daemon.pid is None:
+            continue
+        for guest in donor.hv.list_guests():
+            donor.hv.undefine(guest)
+
+
+def _start_guest(donor: Donor, interval_ms: int = 50) -> VmSpec:
+    spec = tiny_guest_spec(f"m{next(_names)}", donor.images, interval_ms=interval_ms)
+    donor.hv.create(spec)
+    _wait_ticking(donor, spec.name, beyond=2)
+    return spec
+
+
+def _wait_ticking(donor: Donor, guest: str, beyond: int) -> list[int]:
+    """Wait until the guest's counter on this donor passes `beyond`; all ticks so far."""
+    console = donor.hv.console_path(guest)
+    wait_for(
+        lambda: any(t > beyond for t in console_ticks(console)),
+        60,
+        f"{guest} on {donor.daemon.name} to print ticks beyond {beyond}",
+        interval=0.05,
+    )
+    return console_ticks(console)
+
+
+def _assert_runs_on(donor: Donor, guest: str) -> None:
+    assert donor.hv.state(guest) is GuestState.RUNNING
+    last = console_ticks(donor.hv.console_path(guest))[-1]
+    _wait_ticking(donor, guest, beyond=last)
+
+
+def _inactive_xml(donor: Donor, guest: str) -> str:
+    conn = libvirt.open(donor.daemon.uri)
+    try:
+        return str(
+            conn.lookupByName(Hypervisor.domain_name(guest)).XMLDesc(
+                libvirt.VIR_DOMAIN_XML_INACTIVE
+            )
+        )
+    finally:
+        conn.close()
+
+
+def _migrate_and_check(source: Donor, target: Donor, spec: VmSpec) -> None:
+    """Move a running guest live and check it went on counting where it was."""
+    guest = spec.name
+    destination = target.target_for(spec)
+    seen: list[MigrationProgress] = []
+    # The source's guest dir goes once the guest has left: keep its console open.
+    with source.hv.console_path(guest).open("rb") as source_console:
+        outcome = source.hv.migrate_live(
+            guest, destination, MigrationOptions(deadline_s=60), seen.append
+        )
+        source_ticks = [int(n) for n in TICK.findall(source_console.read())]
+    assert not source.hv.exists(guest), "the source still has the guest (even defined)"
+    assert not source.hv.guest_dir(guest).exists()
+    assert target.hv.state(guest) is GuestState.RUNNING
+    assert target.hv.arrived(guest)
+    after = _wait_ticking(target, guest, beyond=source_ticks[-1])
+    # Continued, not rebooted (that would restart at 1), nothing printed twice.
+    assert source_ticks[-1] < after[0] <= source_ticks[-1] + 2, (source_ticks[-5:], after[:5])
+    assert outcome.seconds > 0
+    assert outcome.downtime_ms is not None and 0 < outcome.downtime_ms < 5_000, outcome
+    assert outcome.data_mib > 0
+    assert seen, "progress was never reported"
+    # The target's persistent definition names its own files, not the source's.
+    inactive = _inactive_xml(target, guest)
+    assert str(destination.files.kernel) in inactive
+    assert str(destination.console_log) in inactive
+    assert str(source.home) not in inactive
+
+
+def test_live_migration_there_and_back(donors: tuple[Donor, Donor]):
+    a, b = donors
+    spec = _start_guest(a)
+    _migrate_and_check(a, b, spec)
+    _migrate_and_check(b, a, spec)
+    assert not b.hv.exists(spec.name)
+
+
+def test_a_migration_past_its_deadline_is_aborted_and_the_guest_stays(
+    donors: tuple[Donor, Donor],
+):
+    a, b = donors
+    spec = _start_guest(a)
+    options = MigrationOptions(bandwidth_mibps=1, deadline_s=2)
+    started = time.monotonic()
+    with pytest.raises(MigrationError, match=r"aborted after \d+\.\d s \(deadline 2 s\)") as caught:
+        a.hv.migrate_live(spec.name, b.target_for(spec), options)
+    took = time.monotonic() - started
+    assert 2 <= took < 20, f"the abort took {took:.1f} s"
+    assert caught.value.source_state is GuestState.RUNNING
+    _assert_runs_on(a, spec.name)
+    assert not b.hv.exists(spec.name)
+
+
+def test_a_target_that_dies_mid_way_leaves_the_guest_running_at_the_source(
+    donors: tuple[Donor, Donor],
+):
+    a, b = donors
+    spec = _start_guest(a)
+    observed: dict[str, bool] = {}
+
+    def kill_target_once_data_flows(progress: MigrationProgress) -> None:
+        if progress.data_processed_mib > 0 and not observed:
+            # Mid-way, the target shows the guest arriving (paused, not yet its own).
+            observed["exists"] = b.hv.exists(spec.name)
+            observed["arrived"] = b.hv.arrived(spec.name)
+            b.daemon.kill()
+
+    options = MigrationOptions(bandwidth_mibps=1, deadline_s=60)
+    with pytest.raises(MigrationError, match="failed after") as caught:
+        a.hv.migrate_live(spec.name, b.target_for(spec), options, kill_target_once_data_flows)
+    assert observed == {"exists": True, "arrived": False}
+    assert caught.value.source_state is GuestState.RUNNING
+    _assert_runs_on(a, spec.name)
+    b.reconnect()  # the donor machine comes back: no trace of the half-arrived guest
+    assert not b.hv.exists(spec.name)
+
+
+def test_an_unreachable_target_fails_at_once_and_leaves_the_guest_alone(
+    donors: tuple[Donor, Donor], workdir: Path
+):
+    a, _ = donors
+    spec = _start_guest(a)
+    nowhere = MigrationTarget(
+        f"qemu+unix:///system?socket={workdir}/nowhere/libvirt-sock",
+        LOOPBACK,
+        BootFiles(kernel=Path("/nonexistent/kernel"), initrd=Path("/nonexistent/initrd")),
+        Path("/nonexistent/console.log"),
+    )
+    started = time.monotonic()
+    with pytest.raises(MigrationError, match="target unreachable") as caught:
+        a.hv.migrate_live(spec.name, nowhere, MigrationOptions())
+    assert time.monotonic() - started < 5
+    assert caught.value.source_state is GuestState.RUNNING
+    _assert_runs_on(a, spec.name)
+
+
+def test_a_guest_saved_on_one_donor_is_restored_on_another(
+    donors: tuple[Donor, Donor], workdir: Path
+):
+    a, b = donors
+    spec = _start_guest(a)
+    image = workdir / "saves" / f"{spec.name}.save"
+    a.hv.save(spec.name, image)
+    saved_ticks = console_ticks(a.hv.console_path(spec.name))
+    a.hv.undefine(spec.name)  # the guest now lives in the file only
+
+    other = tiny_guest_spec("not-" + spec.name, b.images)
+    with pytest.raises(HypervisorError, match="does not fit this guest: name"):
+        b.hv.restore_elsewhere(other, image)
+    assert not b.hv.exists(other.name)
+    assert not b.hv.guest_dir(other.name).exists()
+
+    b.hv.restore_elsewhere(spec, image)
+    assert b.hv.state(spec.name) is GuestState.RUNNING
+    after = _wait_ticking(b, spec.name, beyond=saved_ticks[-1])
+    assert after[0] == saved_ticks[-1] + 1, (saved_ticks[-5:], after[:5])
+    inactive = _inactive_xml(b, spec.name)
+    assert str(b.hv.images.path(spec.images()[0])) in inactive
+    assert str(a.home) not in inactive
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("bandwidth_mibps", -1),
+        ("bandwidth_mibps", 100_001),
+        ("bandwidth_mibps", True),
+        ("bandwidth_mibps", 2.5),
+        ("max_downtime_ms", 0),
+        ("max_downtime_ms", 60_001),
+        ("max_downtime_ms", "100"),
+        ("deadline_s", 0),
+        ("deadline_s", -5.0),
+        ("deadline_s", math.inf),
+        ("deadline_s", math.nan),
+        ("deadline_s", 100_000),
+        ("tls", "yes"),
+    ],
+)
+def test_bad_migration_options_name_the_field(field: str, value: object):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        MigrationOptions(**{field: value})  # type: ignore[arg-type]
