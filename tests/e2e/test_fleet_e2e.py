@@ -4,7 +4,8 @@ real QEMU guest, real input under Xvfb.
 The agent enrolls with a one-time token, the admin submits the tiny guest as a workload,
 it runs on the donor (its serial counter ticks); then the owner comes back and stays:
 the agent asks the coordinator to move the workload, the coordinator (with no other
-donor) answers "checkpoint", and the donor saves the guest to disk and reports it.
+donor) answers "checkpoint", the donor saves the guest and uploads the checkpoint, and
+the workload waits in the queue with it (the donor's own copy is then removed).
 """
 
 from __future__ import annotations
@@ -109,19 +110,27 @@ def test_enroll_run_a_workload_and_answer_the_owners_return(tmp_path: Path) -> N
                     env={"DISPLAY": display},
                     check=True,
                 )
-                if _workload(admin, submitted.id).state == pb.WORKLOAD_STATE_CHECKPOINTED:
+                if _workload(admin, submitted.id).state == pb.WORKLOAD_STATE_QUEUED:
                     break
                 time.sleep(0.5)
-            checkpointed = _workload(admin, submitted.id)
-            assert checkpointed.state == pb.WORKLOAD_STATE_CHECKPOINTED, agent.log_text()[-3000:]
-            assert checkpointed.donor_id == donor.id
+            queued = _workload(admin, submitted.id)
+            assert queued.state == pb.WORKLOAD_STATE_QUEUED, agent.log_text()[-3000:]
+            assert queued.checkpoint.donor_id == donor.id
+            assert queued.checkpoint.epoch == 1
 
             fleet = coordinator.server.fleet
             assert fleet is not None
             kinds = [(e.kind, e.detail) for e in fleet.store.workload_events(submitted.id)]
             assert ("checkpoint-requested", "owner_active: no donor has room") in kinds
-            guest = next(g for g in agent.client.status().guests if g.name == submitted.id)
-            assert guest.state == "shutoff"  # saved to disk, its RAM given back
+            assert [k for k, _ in kinds][-2:] == ["checkpoint", "requeued"]
+            assert fleet.checkpoints.size(queued.checkpoint.sha256) == queued.checkpoint.size
+            # The coordinator holds the state now: the donor's saved copy goes (RAM and
+            # disk given back).
+            wait_for(
+                lambda: all(g.name != submitted.id for g in agent.client.status().guests),
+                30,
+                "the donor's copy removed",
+            )
             ticks = console_ticks(console)
             assert ticks == sorted(ticks)
             assert "Traceback" not in agent.log_text()
