@@ -20,14 +20,10 @@ def add_tiny_guest(cache: ImageCache) -> tuple[str, str]:
 
 
 def tiny_guest_spec(
-    name: str,
-    images: tuple[str, str],
-    mode: str = "sleep",
-    memory_mib: int = 256,
-    interval_ms: int = 50,
+    name: str, images: tuple[str, str], mode: str = "sleep", memory_mib: int = 256
 ) -> VmSpec:
     kernel, initrd = images
-    cmdline = f"console=ttyS0 quiet donor.mode={mode} donor.interval_ms={interval_ms}"
+    cmdline = f"console=ttyS0 quiet donor.mode={mode} donor.interval_ms=50"
     return VmSpec(name, 1, memory_mib, KernelBoot(kernel, initrd, cmdline))
 
 

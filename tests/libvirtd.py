@@ -9,7 +9,9 @@ host") and hostname, and listens only on a Unix socket in a host-visible directo
 
 The bind mounts' sources are host-visible directories, so the QEMU pidfiles libvirt
 writes under /run/libvirt/qemu can be read from outside: `kill()` uses them to take the
-guests down with the daemon, as when a donor machine dies.
+guests down with the daemon, as when a donor machine dies. Only processes in the
+daemons' own mount namespace (read from virtlogd once it runs, never our own) or named
+by those pidfiles (and checked to be QEMU outside our namespace) are ever signalled.
 
 Needs root and the Debian packages libvirt-daemon-system and qemu-system-x86 (both in
 scripts/bootstrap); `unshare` and `mount` come from util-linux, `hostname` from hostname
@@ -84,8 +86,7 @@ exec libvirtd --pid-file "$root/libvirtd.pid"
 
 
 def _libvirtd_conf(sock_dir: Path, host_uuid: str) -> str:
-    # Strings are quoted with repr-free JSON-style escaping: paths here are ours and
-    # contain no quotes, which _make_root checks.
+    # Written between double quotes as they are: _prepare refuses a root holding quotes.
     return (
         "# written by tests/libvirtd.py: a private daemon for tests\n"
         "listen_tls = 0\n"

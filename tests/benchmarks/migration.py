@@ -46,6 +46,7 @@ from tests.e2e.donor_pair import (
     tiny_workload,
     workload,
 )
+from tests.guests import shared_tmp_dir
 from tests.ticks import TickWatcher, check_continuity, largest_gap_ms
 from tests.waiting import wait_for
 
@@ -101,7 +102,7 @@ def main() -> int:
         migration=MigrationLimits(max_downtime_ms=100, deadline_s=60),
         checkpoint_interval=timedelta(seconds=10),
     )
-    base = Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp"))
+    base = shared_tmp_dir(Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp")))
     results: dict[str, object] = {}
     with (
         running_coordinator(base / "coordinator", fleet=config) as coordinator,

@@ -54,6 +54,7 @@ class Donor:
 
     def domain_state(self, workload_id: str) -> str | None:
         """'running', 'paused', 'shutoff', … of the workload's domain here; None if none."""
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # "not found" is an answer
         conn = libvirt.open(self.daemon.uri)
         try:
             try:

@@ -41,6 +41,7 @@ from tests.e2e.donor_pair import (
     wait_running,
     workload,
 )
+from tests.guests import shared_tmp_dir
 from tests.ticks import TickWatcher, check_continuity
 from tests.waiting import wait_for
 
@@ -65,7 +66,7 @@ def fleet_config(**changes: object) -> FleetConfig:
 def base() -> Iterator[Path]:
     # Short: libvirt's and the agent's Unix sockets live under it (108-byte limit).
     with tempfile.TemporaryDirectory(prefix="mg-", dir="/tmp") as name:
-        yield Path(name)
+        yield shared_tmp_dir(Path(name))  # QEMU (libvirt-qemu) reads the guests' files
 
 
 def _free_port() -> int:
