@@ -635,6 +635,8 @@ class Hypervisor:
         except BaseException:
             self._forget(guest)
             try:
+                if dom.isActive():  # a restore that failed late may have left QEMU up
+                    dom.destroy()
                 dom.undefine()
             except libvirt.libvirtError as exc:
                 log.warning("could not undefine %s after a failed restore: %s", guest, exc)

@@ -249,6 +249,8 @@ class _Migration:
             # libvirt's last steps reported an error.
             log.warning("migration of %s: %s, yet the guest runs at the target", self.guest, error)
             return _outcome(at_target, elapsed, None)
+        if state is not None and at_target is not None and _discard_arrival(at_target):
+            at_target = None
         if state is GuestState.PAUSED and was_running:
             state = _resume_source(self.dom, self.guest, active_at_target=at_target is not None)
         what = (
@@ -326,8 +328,8 @@ def _watch(
     abort it still waits for `migrate3` to return: until then libvirt may yet complete
     the migration, and only its answer tells where the guest is.
     """
-    aborted = False
-    last_abort = -math.inf
+    aborted = abort_taken = False
+    last_try = -math.inf
     last: MigrationProgress | None = None
     while True:
         worker.join(POLL_S)
@@ -338,10 +340,11 @@ def _watch(
         if snapshot is not None:
             last = snapshot
             _report(progress, snapshot)
-        if now - started >= options.deadline_s and now - last_abort >= ABORT_RETRY_S:
+        if now - started >= options.deadline_s:
             aborted = True
-            last_abort = now
-            _abort(dom)
+            if not abort_taken and now - last_try >= ABORT_RETRY_S:
+                last_try = now
+                abort_taken = _abort(dom)
 
 
 def _progress(dom: Any, elapsed: float) -> MigrationProgress | None:
@@ -370,13 +373,16 @@ def _report(
         log.exception("migration progress callback failed")
 
 
-def _abort(dom: Any) -> None:
+def _abort(dom: Any) -> bool:
+    """Ask libvirt to cancel the job; whether it took the request."""
     try:
         dom.abortJob()
     except libvirt.libvirtError as exc:
-        # Before the job has started (or once it has ended) there is nothing to abort;
-        # the next try comes ABORT_RETRY_S later.
+        # Not every phase of the job can be aborted: the next try comes ABORT_RETRY_S
+        # later. Once taken, libvirt winds the migration down on its own (seconds).
         log.info("aborting the migration of %s: %s", dom.name(), exc.get_error_message())
+        return False
+    return True
 
 
 def _outcome(target_dom: Any, elapsed: float, last: MigrationProgress | None) -> MigrationOutcome:
@@ -413,6 +419,23 @@ def _active_at(dest_conn: Any, domain_name: str) -> Any | None:
         return target_dom if target_dom.isActive() else None
     except libvirt.libvirtError:
         return None
+
+
+def _discard_arrival(target_dom: Any) -> bool:
+    """Destroy a copy left paused at the target by a failed migration; whether it went.
+
+    A paused copy never ran (the target resumes it only when the move succeeds), so the
+    source's copy is the guest and this one only blocks the name there. A running copy
+    is left alone: then the target's may be the guest.
+    """
+    try:
+        if guest_state_of(target_dom) is not GuestState.PAUSED:
+            return False
+        target_dom.destroy()
+    except libvirt.libvirtError as exc:
+        log.warning("could not remove the half-arrived copy at the target: %s", exc)
+        return False
+    return True
 
 
 def _resume_source(dom: Any, guest: str, *, active_at_target: bool) -> GuestState:

@@ -175,7 +175,10 @@ def retarget_domain_xml(xml: str, *, domain_name: str, files: BootFiles, console
     """
     # Elements in other namespaces (<qemu:commandline>, <metadata>) come back with
     # ElementTree's own prefixes (ns0:…): libvirt matches them by namespace URI, not prefix.
-    domain = ET.fromstring(xml)
+    try:
+        domain = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise ValueError(f"xml: not a well-formed domain XML ({exc})") from exc
     if domain.tag != "domain":
         raise ValueError(f"xml: the root element is <{domain.tag}>, not <domain>")
     name = domain.findtext("name")
