@@ -170,6 +170,7 @@ class Hypervisor:
         self._processes: dict[str, process.ProcessRef] = {}
         self._domains: dict[str, Any] = {}
         self._events: LifecycleEvents | None = None
+        self._leaving: set[str] = set()  # guests being live-migrated away
 
     @classmethod
     def open(
@@ -276,11 +277,16 @@ class Hypervisor:
         return True
 
     def list_guests(self) -> list[str]:
-        """Names of donor_app's guests on this connection (defined or running)."""
+        """Names of donor_app's guests on this connection (defined or running), except
+        those in a live migration: one arriving (transient until it has arrived) or
+        leaving. libvirt holds their state-change lock for the whole move, so any call
+        the engine made on them (caps, pause) would wait up to 30 s for it."""
         with _libvirt_call("list", None):
-            domains = self._conn.listAllDomains(0)
+            domains = self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+        with self._lock:
+            leaving = set(self._leaving)
         names = (self.guest_name(dom.name()) for dom in domains)
-        return sorted(name for name in names if name is not None)
+        return sorted(name for name in names if name is not None and name not in leaving)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -674,11 +680,16 @@ class Hypervisor:
         dom = self._domain("migrate", guest)
         # A duty cycle's suspend/resume would fight the pause libvirt takes at the end.
         self._stop_duty(guest)
+        with self._lock:
+            self._leaving.add(guest)
         try:
             outcome = migration.migrate_live(dom, guest, target, options, progress)
         except migration.MigrationError:
             self._restart_duty(guest, dom)
             raise
+        finally:
+            with self._lock:
+                self._leaving.discard(guest)
         with self._lock:
             self._caps.pop(guest, None)
         self._forget(guest)

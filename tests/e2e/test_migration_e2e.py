@@ -95,6 +95,24 @@ def _fleet(
         yield donors, admin
 
 
+@contextmanager
+def _logs_on_failure(donors: list[Donor]) -> Iterator[None]:
+    try:
+        yield
+    except AssertionError:
+        for donor in donors:
+            print(f"===== donor {donor.name} agent log (tail)\n{donor.agent.log_text()[-6000:]}")
+            print(f"===== donor {donor.name} libvirt log (tail)\n{donor.daemon.log_text()[-3000:]}")
+            states = {w: donor.domain_state(w) for w in _workload_ids(donor)}
+            print(f"===== donor {donor.name} domains: {states}")
+        raise
+
+
+def _workload_ids(donor: Donor) -> list[str]:
+    guests = donor.root / "data" / "guests-state" / "guests"
+    return [p.name for p in guests.iterdir()] if guests.exists() else []
+
+
 def _placed(donors: list[Donor], record: pb.Workload) -> tuple[Donor, list[Donor]]:
     source = next(d for d in donors if d.donor_id == record.donor_id)
     return source, [d for d in donors if d is not source]
@@ -242,7 +260,7 @@ def test_a_coordinator_restart_mid_migration_loses_and_duplicates_nothing(base: 
     ports = (_free_port(), _free_port())
     config = fleet_config(
         lease_ttl=timedelta(seconds=20),
-        migration=MigrationLimits(bandwidth_mibps=4, deadline_s=120),
+        migration=MigrationLimits(bandwidth_mibps=8, deadline_s=120),
     )
 
     def coordinator_at():  # type: ignore[no-untyped-def]
@@ -278,7 +296,11 @@ def test_a_coordinator_restart_mid_migration_loses_and_duplicates_nothing(base: 
             # and data while the donors carry on.
             first_cm.__exit__(None, None, None)
             first_cm = None
-            with coordinator_at() as restarted, restarted.admin() as admin2:
+            with (
+                coordinator_at() as restarted,
+                restarted.admin() as admin2,
+                _logs_on_failure(donors),
+            ):
                 moved = wait_running(admin2, wid, 120, not_on=source.donor_id)
                 assert moved.donor_id == target.donor_id
                 _ticks_on(watcher, target, 20)
