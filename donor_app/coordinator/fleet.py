@@ -142,7 +142,8 @@ class Fleet:
         self._background: set[asyncio.Task[None]] = set()
         self._moves: dict[str, Move] = {}
         # The newest epoch any assignment or move attempt used, per workload: a new one
-        # is always above it (so two attempts never share an epoch).
+        # is always above it (so two attempts never share an epoch). Read from the
+        # workload's events the first time it is needed (`_next_epoch`).
         self._epoch_floor: dict[str, int] = {}
         # Periodic checkpoints: when each (workload, epoch) was first seen running.
         self._running_since: dict[tuple[str, int], datetime] = {}
@@ -163,8 +164,6 @@ class Fleet:
         active = [s for s in WorkloadState if s not in FINAL_STATES]
         for record in await self._io(self.store.list_workloads, active):
             self._workloads[record.workload_id] = record
-            events = await self._io(self.store.workload_events, record.workload_id)
-            self._epoch_floor[record.workload_id] = next_epoch(record.epoch, events) - 1
         self._tasks = [
             asyncio.create_task(self._every(self.config.flush_interval, self.flush)),
             asyncio.create_task(self._placement_loop()),
@@ -750,7 +749,9 @@ class Fleet:
             if record is None or record.epoch >= guest.epoch:
                 return
             now = self._clock()
-            move = self._moves.get(guest.workload_id) or Move(
+            # Described from the record: whatever move is under way (this attempt, a later
+            # one, or none after a restart) is moot once the guest has arrived.
+            move = Move(
                 guest.workload_id,
                 record.donor_id or "",
                 record.epoch,
@@ -761,19 +762,6 @@ class Fleet:
                 now,
                 "",
             )
-            if move.source_epoch != record.epoch or move.target_epoch != guest.epoch:
-                # Adopting an earlier attempt than the one under way: that one is moot.
-                move = Move(
-                    guest.workload_id,
-                    record.donor_id or "",
-                    record.epoch,
-                    session.donor_id,
-                    guest.epoch,
-                    Phase.MIGRATING,
-                    now,
-                    now,
-                    "",
-                )
             await self._finish_arrival(
                 move,
                 session.donor_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -118,6 +119,24 @@ def _running_on(donor: RawDonor, admin: AdminClient, tmp_path: Path) -> pb.Workl
     return workload
 
 
+@contextmanager
+def _source_and_target(
+    coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
+) -> Iterator[tuple[RawDonor, pb.Workload, RawDonor]]:
+    """A donor running a workload (epoch 1) and a second, idle donor, both connected."""
+    source = _donor(coordinator, admin)
+    target: RawDonor | None = None
+    try:
+        workload = _running_on(source, admin, tmp_path)
+        target = _donor(coordinator, admin)
+        wait_for(lambda: sum(d.connected for d in admin.donors()) == 2, 10, "two donors")
+        yield source, workload, target
+    finally:
+        if target is not None:
+            target.close()
+        source.close()
+
+
 def test_with_no_room_anywhere_the_guest_is_checkpointed_and_restored_later_elsewhere(
     coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
 ) -> None:
@@ -171,11 +190,7 @@ def test_with_no_room_anywhere_the_guest_is_checkpointed_and_restored_later_else
 def test_a_live_move_prepares_the_target_then_migrates_and_fences_the_old_copy(
     coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
 ) -> None:
-    source = _donor(coordinator, admin)
-    workload = _running_on(source, admin, tmp_path)
-    target = _donor(coordinator, admin)
-    try:
-        wait_for(lambda: sum(d.connected for d in admin.donors()) == 2, 10, "two donors")
+    with _source_and_target(coordinator, admin, tmp_path) as (source, workload, target):
         source.send(link.Reclaim((workload.id,), "owner_active"))
         prepare = target.next_command()
         assert isinstance(prepare.message, link.PrepareMigration)
@@ -223,19 +238,12 @@ def test_a_live_move_prepares_the_target_then_migrates_and_fences_the_old_copy(
         ]
         history = admin.history(workload.id)
         assert [e.kind for e in history.events][-2:] == ["migrate", "moved"]
-    finally:
-        target.close()
-        source.close()
 
 
 def test_a_failed_live_migration_falls_back_to_a_cold_move_with_a_fresh_epoch(
     coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
 ) -> None:
-    source = _donor(coordinator, admin)
-    workload = _running_on(source, admin, tmp_path)
-    target = _donor(coordinator, admin)
-    try:
-        wait_for(lambda: sum(d.connected for d in admin.donors()) == 2, 10, "two donors")
+    with _source_and_target(coordinator, admin, tmp_path) as (source, workload, target):
         admin.move(workload.id)
         prepare = target.next_command()
         assert isinstance(prepare.message, link.PrepareMigration)
@@ -263,19 +271,12 @@ def test_a_failed_live_migration_falls_back_to_a_cold_move_with_a_fresh_epoch(
         )
         kinds = [k for k, _, _ in _events(coordinator, workload.id)]
         assert kinds[-4:] == ["migrate", "migrate-failed", "checkpoint", "moved-cold"]
-    finally:
-        target.close()
-        source.close()
 
 
 def test_a_target_reporting_the_guest_running_is_adopted_even_without_the_sources_answer(
     coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
 ) -> None:
-    source = _donor(coordinator, admin)
-    workload = _running_on(source, admin, tmp_path)
-    target = _donor(coordinator, admin)
-    try:
-        wait_for(lambda: sum(d.connected for d in admin.donors()) == 2, 10, "two donors")
+    with _source_and_target(coordinator, admin, tmp_path) as (source, workload, target):
         admin.move(workload.id)
         prepare = target.next_command()
         target.send(link.CommandResult(prepare.seq, True, prepared=TARGET))
@@ -293,9 +294,6 @@ def test_a_target_reporting_the_guest_running_is_adopted_even_without_the_source
             "the target adopted",
         )
         assert moved.epoch == 2
-    finally:
-        target.close()
-        source.close()
 
 
 def test_checkpoint_uploads_are_checked_and_keep_nothing_when_refused(

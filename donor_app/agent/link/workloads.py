@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -401,7 +400,6 @@ class FleetWorkloads:
         with self._lock:
             self._held.pop(workload_id, None)
             self._save()
-        shutil.rmtree(self._hv.guest_dir(workload_id), ignore_errors=True)  # its old console
         log.info(
             "workload %s migrated to donor %s in %.1f s",
             workload_id,
