@@ -10,6 +10,7 @@ the guest-visible pause (the largest gap between consecutive ticks).
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import threading
 import time
@@ -29,6 +30,10 @@ class Tick:
 class TickWatcher:
     def __init__(self, consoles: dict[str, Path], poll_s: float = 0.001) -> None:
         self._consoles = consoles
+        # Per label: which file (device, inode) was being read, and how far. A guest dir
+        # removed and made again (the guest left and came back) is a new file: read it
+        # from its start; the old one, still there for a moment, is not read twice.
+        self._files: dict[str, tuple[int, int]] = {}
         self._offsets = dict.fromkeys(consoles, 0)
         self._partial = dict.fromkeys(consoles, b"")
         self._poll_s = poll_s
@@ -52,12 +57,6 @@ class TickWatcher:
             self._offsets.setdefault(label, 0)
             self._partial.setdefault(label, b"")
 
-    def restart_file(self, label: str) -> None:
-        """The file at `label` was replaced (a new guest dir): read it from the start."""
-        with self._lock:
-            self._offsets[label] = 0
-            self._partial[label] = b""
-
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
@@ -69,10 +68,16 @@ class TickWatcher:
     def _read(self, label: str, path: Path) -> None:
         try:
             with path.open("rb") as f:
+                stat = os.fstat(f.fileno())
+                identity = (stat.st_dev, stat.st_ino)
                 size = f.seek(0, 2)
                 with self._lock:
+                    if self._files.get(label) != identity:
+                        self._files[label] = identity
+                        self._offsets[label] = 0
+                        self._partial[label] = b""
                     offset = self._offsets[label]
-                if size < offset:  # truncated or replaced
+                if size < offset:  # truncated (or a new file that reused the inode)
                     offset = 0
                 if size == offset:
                     return

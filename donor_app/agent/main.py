@@ -109,6 +109,7 @@ def run_agent(
         state_dir=paths.data_dir / "guests-state",
         virt_type=options.virt_type,
     )
+    threading.Thread(target=hv.warm_up, name="libvirt-warm-up", daemon=True).start()
     try:
         history = History.open(paths.data_dir / "history.sqlite3")
     except HistoryError as exc:

@@ -315,6 +315,8 @@ class Fleet:
                     record.workload_id, session.donor_id, record.epoch, lease_until
                 )
                 self._note_guest_state(record, guest)
+            elif self._arriving(session, guest):
+                pass  # the move's own results decide (the target's report can beat them)
             elif guest.state is link.GuestState.STOPPED:
                 self._clean_stopped_copy(session, record, guest)
             elif guest.workload_id not in session.fencing:
@@ -334,6 +336,21 @@ class Fleet:
         sums[0] += seconds
         if capacity.idle:
             sums[1] += seconds
+
+    def _arriving(self, session: DonorSession, guest: link.GuestReport) -> bool:
+        """The donor is the target of a live move under way, at that move's epoch, and
+        does not report the guest running: not a stale copy to fence. Found by the
+        migration benchmark: the target reported the incoming guest "failed" (libvirt
+        busy finishing the move), was fenced, and its StopWorkload destroyed the guest
+        the moment it had arrived. A running report goes on to adoption (`_fence`)."""
+        move = self._moves.get(guest.workload_id)
+        return (
+            move is not None
+            and move.live
+            and move.target == session.donor_id
+            and move.target_epoch == guest.epoch
+            and guest.state not in (link.GuestState.RUNNING, link.GuestState.PAUSED)
+        )
 
     def _clean_stopped_copy(
         self, session: DonorSession, record: WorkloadRecord | None, guest: link.GuestReport
@@ -434,7 +451,14 @@ class Fleet:
                 if record.state not in FINAL_STATES
                 else f"the workload is {record.state.value}"
             )
-            log.info("fencing %s on donor %s: %s", guest.workload_id, session.donor_id, reason)
+            log.info(
+                "fencing %s on donor %s (reported %s at epoch %d): %s",
+                guest.workload_id,
+                session.donor_id,
+                guest.state.value,
+                guest.epoch,
+                reason,
+            )
             session.send(link.StopWorkload(guest.workload_id, guest.epoch, reason))
         finally:
             session.fencing.discard(guest.workload_id)
@@ -779,19 +803,24 @@ class Fleet:
         state: WorkloadState = WorkloadState.RUNNING,
     ) -> None:
         record = self._workloads.get(move.workload_id)
-        self._moves.pop(move.workload_id, None)
         if record is None or record.epoch != move.source_epoch:
+            self._moves.pop(move.workload_id, None)
             return
         now = self._clock()
-        updated = await self._write(
-            record,
-            event=WorkloadEvent(move.workload_id, now, "moved", target, epoch, detail),
-            state=state,
-            donor_id=target,
-            epoch=epoch,
-            lease_until=now + self.config.lease_ttl,
-            detail=detail,
-        )
+        try:
+            updated = await self._write(
+                record,
+                event=WorkloadEvent(move.workload_id, now, "moved", target, epoch, detail),
+                state=state,
+                donor_id=target,
+                epoch=epoch,
+                lease_until=now + self.config.lease_ttl,
+                detail=detail,
+            )
+        finally:
+            # Only now: until the record names the target, the target's reports must
+            # still be seen as arriving (`_arriving`), not as a stale copy.
+            self._moves.pop(move.workload_id, None)
         if updated is not None:
             log.info("workload %s moved to donor %s: %s", move.workload_id, target, detail)
 

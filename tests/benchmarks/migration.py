@@ -68,8 +68,8 @@ def one_move(
     cold: bool,
 ) -> tuple[float, float]:
     """Move once; (seconds until running on the target, largest tick gap in ms)."""
-    watcher.restart_file(target.name)  # a fresh guest dir and console there
     started = time.monotonic()
+    log.info("move to %s starts at %.4f", target.name, started)
     admin.move(wid, target.donor_id, cold=cold)
     wait_for(
         lambda: (
@@ -94,6 +94,9 @@ def one_move(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=10)
+    parser.add_argument(
+        "--ticks-out", type=Path, help="write every tick seen (time, value, donor) here, as CSV"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = FleetConfig(
@@ -136,6 +139,10 @@ def main() -> int:
                         gap,
                     )
                     runs[cold].append((total, gap))
+            if args.ticks_out:
+                with args.ticks_out.open("w") as out:
+                    out.write("seconds,value,donor\n")
+                    out.writelines(f"{t.at:.4f},{t.value},{t.where}\n" for t in watcher.ticks())
             try:
                 check_continuity(watcher.ticks())
                 continuity = "ok"

@@ -206,6 +206,36 @@ def test_after_a_restart_the_agent_reconnects_without_a_token(
         second.stop()
 
 
+def test_guests_found_at_start_stay_paused_until_the_coordinator_renews_their_lease(
+    donor: Donor, coordinator: RunningCoordinator, tmp_path: Path
+) -> None:
+    """The agent died and came back; its guest ran on meanwhile. Until the coordinator
+    says the lease still holds, the guest must not run: it may run elsewhere by now."""
+    with coordinator.admin() as admin:
+        token = admin.create_token(3600, 1).token
+    first = donor.link(coordinator, token)
+    first.start()
+    workload = _submit(coordinator, tmp_path)
+    wait_for(
+        lambda: _state(coordinator, workload.id) == pb.WORKLOAD_STATE_RUNNING,
+        30,
+        "the workload running",
+    )
+    first.stop()
+    assert donor.engine.held == []  # nothing was held while the lease was renewed
+
+    restarted = FleetWorkloads(donor.hv, tmp_path / "fleet-workloads.json", donor.engine.call)
+    donor.workloads = restarted
+    second = donor.link(coordinator, None)
+    second.start()
+    try:
+        assert donor.engine.held == [frozenset({workload.id})]  # at once, before any Ack
+        wait_for(lambda: donor.engine.held[-1] == frozenset(), 30, "the guest released")
+        assert donor.engine.link.state == "connected"
+    finally:
+        second.stop()
+
+
 def test_a_refused_token_is_reported_not_retried_in_a_loop(
     donor: Donor, coordinator: RunningCoordinator
 ) -> None:

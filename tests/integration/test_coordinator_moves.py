@@ -296,6 +296,56 @@ def test_a_target_reporting_the_guest_running_is_adopted_even_without_the_source
         assert moved.epoch == 2
 
 
+def _wait_ack(donor: RawDonor, seq: int) -> None:
+    """Until the coordinator acknowledged event `seq`; any other command fails."""
+    while True:
+        command = donor.next_command(skip_acks=False)
+        assert isinstance(command.message, link.Ack), command.message
+        if command.message.event_seq == seq:
+            return
+
+
+def test_whatever_the_target_reports_mid_move_it_is_not_fenced(
+    coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
+) -> None:
+    """The target's reports race the source's answer: a failed look at the incoming
+    guest must not get it destroyed as a stale copy just as it arrives."""
+    with _source_and_target(coordinator, admin, tmp_path) as (source, workload, target):
+        admin.move(workload.id)
+        prepare = target.next_command()
+        target.send(link.CommandResult(prepare.seq, True, prepared=TARGET))
+        evacuate = source.next_command()
+        for state, detail in (
+            (link.GuestState.STOPPED, "arriving"),
+            (link.GuestState.FAILED, "libvirt busy"),
+            (link.GuestState.STARTING, ""),
+        ):
+            seq = target.send(
+                link.Report(capacity(), (link.GuestReport(workload.id, 2, state, detail),))
+            )
+            _wait_ack(target, seq)  # handled before the source answers
+        source.send(
+            link.CommandResult(evacuate.seq, True, migration=link.MigrationReport(2.0, 30.0))
+        )
+        wait_for(
+            lambda: _state(admin, workload.id).donor_id == target.creds.donor_id,
+            10,
+            "the workload on the target",
+        )
+        target.send(
+            link.Report(capacity(), (link.GuestReport(workload.id, 2, link.GuestState.RUNNING),))
+        )
+        # The next thing the target hears is the Evacuate of a second move (back to the
+        # first donor), never a StopWorkload of the guest it now holds.
+        admin.move(workload.id)
+        prepare_back = source.next_command()
+        assert isinstance(prepare_back.message, link.PrepareMigration)
+        source.send(link.CommandResult(prepare_back.seq, True, prepared=TARGET))
+        evacuate_back = target.next_command()
+        assert isinstance(evacuate_back.message, link.Evacuate), evacuate_back.message
+        assert evacuate_back.message.epoch == 2
+
+
 def test_checkpoint_uploads_are_checked_and_keep_nothing_when_refused(
     coordinator: RunningCoordinator, admin: AdminClient, tmp_path: Path
 ) -> None:

@@ -476,3 +476,16 @@ def test_retargeting_refuses_what_does_not_fit(domain_name: str, files: BootFile
         )
     with pytest.raises(ValueError, match=r"^xml: "):
         retarget_domain_xml("<domain", domain_name="donor-x", files=files, console_log=Path("/c"))
+
+
+def test_warm_up_has_a_fresh_libvirtd_probe_qemu_before_the_first_guest(workdir: Path) -> None:
+    """The probe a first guest (or a first arriving migration) would otherwise wait for."""
+    with running_libvirtd(workdir, "w") as daemon:
+        probed = daemon.root / "cache" / "qemu" / "capabilities"
+        assert not list(probed.glob("*.xml"))
+        hv = _open_hypervisor(daemon, shared_tmp_dir(workdir / "donor-w"))
+        try:
+            hv.warm_up()
+            assert list(probed.glob("*.xml"))
+        finally:
+            hv.close()

@@ -117,6 +117,15 @@ class CoordinatorLink:
 
     def start(self) -> None:
         self._publish(self._link)
+        # Fleet guests found at start (the agent restarted, its guests ran on) wait
+        # paused for the coordinator to renew their lease: while this agent was away the
+        # lease may have run out and the workload restarted elsewhere — the first Ack
+        # says it has not (a stale copy is fenced instead).
+        held = self._workloads.names()
+        if held:
+            log.info("holding %d fleet guests paused until their lease is renewed", len(held))
+            self._fenced = True
+            self._hold_paused(held)
         self._thread.start()
 
     def stop(self) -> None:

@@ -94,6 +94,8 @@ class FleetWorkloads:
         # Prepared for a live migration to here, not yet arrived (not kept across a
         # restart: the coordinator tells a restarted donor to forget it).
         self._incoming: set[str] = set()
+        # The last report of each guest (the engine thread's, replaced as a whole).
+        self._last_reports: dict[str, link.GuestReport] = {}
 
     # --- state file ------------------------------------------------------------------------
 
@@ -129,22 +131,25 @@ class FleetWorkloads:
             incoming = set(self._incoming)
 
         def look() -> list[link.GuestReport]:
-            return [self._report(w, e, w in starting, w in incoming) for w, e in held.items()]
+            looked = (self._report(w, e, w in starting, w in incoming) for w, e in held.items())
+            return [report for report in looked if report is not None]
 
         result = self._on_engine(look)
         assert isinstance(result, list)
+        self._last_reports = {report.workload_id: report for report in result}
         return tuple(result)
 
     def _report(
         self, workload_id: str, epoch: int, starting: bool, incoming: bool
-    ) -> link.GuestReport:
+    ) -> link.GuestReport | None:
+        """None: the guest's state cannot be known right now (and was not known before)."""
         if starting:
             return link.GuestReport(workload_id, epoch, link.GuestState.STARTING)
         try:
             if not self._hv.exists(workload_id):
                 return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "not defined")
             if incoming:
-                if not self._hv.arrived(workload_id):
+                if not self._arrived(workload_id):
                     # Mid-migration the guest exists here, paused and transient: it is not
                     # ours until libvirt finished the move (the source still runs it).
                     return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "arriving")
@@ -156,7 +161,12 @@ class FleetWorkloads:
             ):
                 return link.GuestReport(workload_id, epoch, link.GuestState.CHECKPOINTED)
         except HypervisorError as error:
-            return link.GuestReport(workload_id, epoch, link.GuestState.FAILED, str(error))
+            # Failing to look at a guest (libvirt busy or restarting) says nothing about
+            # the guest: "failed" would end the workload for good. Report what was last
+            # known; the guest's lease covers a few reports without it.
+            log.warning("cannot look at %s: %s", workload_id, error)
+            last = self._last_reports.get(workload_id)
+            return last if last is not None and last.epoch == epoch else None
         mapped = {
             GuestState.RUNNING: link.GuestState.RUNNING,
             GuestState.PAUSED: link.GuestState.PAUSED,
@@ -164,6 +174,16 @@ class FleetWorkloads:
             GuestState.CRASHED: link.GuestState.FAILED,
         }.get(state, link.GuestState.FAILED)
         return link.GuestReport(workload_id, epoch, mapped)
+
+    def _arrived(self, workload_id: str) -> bool:
+        """Whether an incoming guest has fully arrived. libvirt may refuse to look at it
+        while it finishes the move (the domain's job lock): that is "still arriving",
+        never "failed" — a failed report would get the guest fenced as it lands."""
+        try:
+            return self._hv.arrived(workload_id)
+        except HypervisorError as error:
+            log.info("%s: still arriving (%s)", workload_id, error)
+            return False
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -292,7 +312,7 @@ class FleetWorkloads:
             raise WorkloadError(f"held at epoch {held_epoch}, newer than {command.epoch}")
         with self._lock:
             incoming = workload_id in self._incoming
-        if incoming and self._exists(workload_id) and not self._hv.arrived(workload_id):
+        if incoming and self._exists(workload_id) and not self._arrived(workload_id):
             # A migration to here is under way: it ends on its own (arrived → reported
             # running; failed → gone). Destroying it now could lose the guest.
             raise WorkloadError(f"{workload_id} is arriving by live migration; try later")
