@@ -108,8 +108,11 @@ class TickWatcher:
 
 
 def largest_gap_ms(ticks: list[Tick], since: float, until: float) -> float:
-    """The longest time between consecutive new ticks seen within [since, until]."""
-    window = [t.at for t in ticks if since <= t.at <= until]
+    """The longest time between consecutive new ticks seen within [since, until], the
+    last tick before `since` included: a guest that stopped ticking just before the
+    window opened (saved for a cold move) was already in its gap."""
+    before = [t.at for t in ticks if t.at < since][-1:]
+    window = before + [t.at for t in ticks if since <= t.at <= until]
     if len(window) < 2:
         return float("inf")
     return max(b - a for a, b in itertools.pairwise(window)) * 1000

@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 
 from donor_app.activity.ports import HostSensor, IdleCounter, InputListener
 from donor_app.agent.actuator import Actuator, Guests
-from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
+from donor_app.agent.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Decision, Level
 from donor_app.domain.fleet import FleetPolicy
 from donor_app.domain.policy import SNOOZE_UNTIL_RESUMED, Since, decide, track
@@ -117,6 +117,7 @@ class Engine:
         self._status: AgentStatus | None = None
         self._watchers: list[queue.Queue[AgentStatus]] = []
         self._link = LinkStatus()
+        self._moves: tuple[GuestMove, ...] = ()
         # Guests the coordinator link holds back whatever the policy says (their lease
         # lapsed: this donor can no longer prove it owns them).
         self._held: frozenset[str] = frozenset()
@@ -183,6 +184,16 @@ class Engine:
         with self._lock:
             changed = link != self._link
             self._link = link
+        if changed:
+            self._commands.put(self._republish)
+            self._wake.set()
+
+    def set_moves(self, moves: tuple[GuestMove, ...]) -> None:
+        """The latest fleet guest moves, newest first (the move journal's listener: the
+        link's thread or this engine's); clients see them at once. Cheap, never blocks."""
+        with self._lock:
+            changed = moves != self._moves
+            self._moves = moves
         if changed:
             self._commands.put(self._republish)
             self._wake.set()
@@ -374,7 +385,7 @@ class Engine:
             user_agent=self._user_agent,
         )
         with self._lock:
-            status = replace(status, coordinator=self._link)
+            status = replace(status, coordinator=self._link, moves=self._moves)
             previous = self._status
             if not force and status.same_except_time(previous):
                 return previous if previous is not None else status

@@ -19,6 +19,7 @@ from donor_app.activity.ports import InputListener
 from donor_app.agent.engine import Engine
 from donor_app.agent.history import History, HistoryError
 from donor_app.agent.link.connection import CoordinatorLink
+from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.link.workloads import FleetWorkloads
 from donor_app.agent.local_api import LocalApiServer
 from donor_app.agent.status import AgentStatus
@@ -170,8 +171,11 @@ def _start_link(options: AgentOptions, hv: Hypervisor, engine: Engine) -> Coordi
     if config is None:
         log.info("no coordinator configured: donating to local guests only")
         return None
+    data = options.paths.data_dir
+    journal = MoveJournal(data / "fleet-moves.json", on_change=engine.set_moves)
+    engine.set_moves(journal.recent())  # the moves from before a restart, shown at once
     workloads = FleetWorkloads(
-        hv, options.paths.data_dir / "fleet-workloads.json", engine.call, config.migration
+        hv, data / "fleet-workloads.json", engine.call, config.migration, journal=journal
     )
     link = CoordinatorLink(
         config,

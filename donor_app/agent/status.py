@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from donor_app.domain.decision import Decision
 
@@ -34,6 +35,27 @@ class LinkStatus:
     donor_id: str = ""
 
 
+# How a fleet guest came to this donor or left it (see donor_app/agent/link/journal.py):
+# started (booted fresh here), restored (from a checkpoint; peer: the donor it was taken
+# on), arrived (live migration to here; peer: the source), left (live-migrated away; peer:
+# the target), saved (saved and its checkpoint handed to the coordinator: it stops here),
+# removed (stopped here by the coordinator; detail: its reason).
+MoveEvent = Literal["started", "restored", "arrived", "left", "saved", "removed"]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestMove:
+    """One movement of a fleet guest on this donor. `event` is a `MoveEvent` (a plain
+    str: a newer agent may send events this tray does not know); `peer` is the other
+    donor's id, "" when none; `at` is timezone-aware."""
+
+    at: datetime
+    guest: str
+    event: str
+    peer: str = ""
+    detail: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentStatus:
     at: datetime
@@ -44,6 +66,7 @@ class AgentStatus:
     settings_error: str = ""
     user_agent: bool = False
     coordinator: LinkStatus = LinkStatus()
+    moves: tuple[GuestMove, ...] = ()  # the latest fleet guest moves, newest first
 
     def same_except_time(self, other: AgentStatus | None) -> bool:
         """True when nothing a client shows differs (ignoring `at` and fresh figures)."""
@@ -56,6 +79,7 @@ class AgentStatus:
             and (self.snoozed_until, self.snoozed_indefinitely, self.settings_error)
             == (other.snoozed_until, other.snoozed_indefinitely, other.settings_error)
             and self.coordinator == other.coordinator
+            and self.moves == other.moves
         )
 
 

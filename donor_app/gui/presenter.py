@@ -14,6 +14,7 @@ from enum import Enum
 from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Level
 from donor_app.gui.coordinator_view import CoordinatorView, coordinator_of
+from donor_app.gui.moves_view import moves_lines, origin_lines
 
 
 class TrayState(Enum):
@@ -122,7 +123,7 @@ def header_lines(status: AgentStatus | None, now: datetime) -> list[str]:
     """The menu's first lines: what is lent and why, and problems the owner must see."""
     if status is None:
         return ["Not connected to the donor agent", "Retrying…"]
-    lines = [status.decision.reason, lent_line(status)]
+    lines = [status.decision.reason, lent_line(status), *origin_lines(status)]
     change = next_change_line(status, now)
     if change:
         lines.append(change)
@@ -160,8 +161,11 @@ def menu_entries(status: AgentStatus | None, now: datetime) -> list[MenuEntry]:
     snoozed = is_snoozed(status)
     tomorrow = snooze_until(Action.PAUSE_TOMORROW, now)
     assert tomorrow is not None
+    moves = moves_lines(status, now) if status is not None else []
     return [
         *(MenuEntry(line, enabled=False) for line in header_lines(status, now)),
+        *([SEPARATOR] if moves else []),
+        *(MenuEntry(line, enabled=False) for line in moves),
         SEPARATOR,
         MenuEntry("Pause for &1 hour", Action.PAUSE_1H, connected),
         MenuEntry("Pause for &4 hours", Action.PAUSE_4H, connected),

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DOMAIN_PREFIX = "donor-"
+OVERLAY_FILE = "disk.qcow2"  # a disk guest's writes, in its guest directory
 CPU_PERIOD_US = 100_000  # cputune vcpu_period: the window the quota is measured over
 MIN_QUOTA_US = 1_000  # libvirt refuses smaller vcpu_quota values
 CpuCapMode = Literal["auto", "cputune", "duty-cycle"]
@@ -318,24 +319,16 @@ class Hypervisor:
             base = self.images.path(spec.boot.disk_sha256)
         except ImageError as exc:
             raise exc.for_guest(spec.name) from exc
-        overlay = self.guest_dir(spec.name) / "disk.qcow2"
+        overlay = self.guest_dir(spec.name) / OVERLAY_FILE
         self._create_overlay(spec.name, base, overlay)
         return BootFiles(disk_overlay=overlay)
 
     @staticmethod
     def _create_overlay(guest: str, base: Path, overlay: Path) -> None:
         """A private copy-on-write layer: the cached base image is never written to."""
-        qemu_img = shutil.which("qemu-img")
-        if qemu_img is None:
-            raise HypervisorError("define", guest, "qemu-img not found (Debian: qemu-utils)")
-        result = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
-            capture_output=True,
-            text=True,
-            check=False,
+        _run_qemu_img(
+            guest, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)
         )
-        if result.returncode != 0:
-            raise HypervisorError("define", guest, f"qemu-img: {result.stderr.strip()}")
 
     def define(self, spec: VmSpec) -> None:
         """Define (not start) a guest. Nothing is left behind when this raises."""
@@ -619,18 +612,49 @@ class Hypervisor:
         with self._call("migratable_xml", guest):
             return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
 
-    def restore_elsewhere(self, spec: VmSpec, save_path: Path, *, paused: bool = False) -> None:
+    def disk_overlay(self, guest: str) -> Path | None:
+        """The disk guest's private overlay (its disk writes), None for a kernel guest."""
+        overlay = self.guest_dir(guest) / OVERLAY_FILE
+        return overlay if overlay.exists() else None
+
+    def restore_elsewhere(
+        self,
+        spec: VmSpec,
+        save_path: Path,
+        *,
+        paused: bool = False,
+        disk_overlay: Path | None = None,
+    ) -> None:
         """Bring back a guest that another host saved (`save()`) to `save_path`.
 
         The save image's definition is rewritten for this host's files, defined here
-        persistently (same uuid) and restored. Nothing is left defined when this raises.
+        persistently (same uuid) and restored. A disk guest needs `disk_overlay`, its
+        overlay as saved with it: moved into the guest's directory and pointed at this
+        host's copy of the base image (the same content: its sha256 names it). Nothing
+        is left defined when this raises.
         """
         self._forget(spec.name)
         if self.exists(spec.name):
             raise HypervisorError("restore", spec.name, "a guest with this name already exists")
+        if isinstance(spec.boot, DiskBoot) != (disk_overlay is not None):
+            raise HypervisorError(
+                "restore",
+                spec.name,
+                "a disk guest's checkpoint must carry its disk overlay"
+                if disk_overlay is None
+                else "disk_overlay: given for a guest that boots a kernel, not a disk",
+            )
         with self._call("restore", spec.name):
             saved_xml = self._conn.saveImageGetXMLDesc(str(save_path), 0)
-        files, console_log = self.prepare_files(spec)
+        try:
+            files, console_log = (
+                self._adopt_overlay(spec, disk_overlay)
+                if disk_overlay is not None
+                else self.prepare_files(spec)
+            )
+        except BaseException:
+            shutil.rmtree(self.guest_dir(spec.name), ignore_errors=True)
+            raise
         try:
             xml = retarget_domain_xml(
                 saved_xml,
@@ -647,6 +671,23 @@ class Hypervisor:
         except BaseException:
             shutil.rmtree(self.guest_dir(spec.name), ignore_errors=True)
             raise
+
+    def _adopt_overlay(self, spec: VmSpec, overlay: Path) -> tuple[BootFiles, Path]:
+        assert isinstance(spec.boot, DiskBoot)
+        try:
+            base = self.images.path(spec.boot.disk_sha256)
+        except ImageError as exc:
+            raise exc.for_guest(spec.name) from exc
+        guest_dir = self.guest_dir(spec.name)
+        guest_dir.mkdir(parents=True, exist_ok=True)
+        guest_dir.chmod(0o755)  # QEMU (another user under qemu:///system) writes in it
+        placed = guest_dir / OVERLAY_FILE
+        shutil.move(overlay, placed)
+        # -u: only the backing file's name changes; its content is the same image.
+        _run_qemu_img(
+            spec.name, "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(placed)
+        )
+        return BootFiles(disk_overlay=placed), self.console_path(spec.name)
 
     def _define_and_restore(self, guest: str, xml: str, save_path: Path, paused: bool) -> None:
         with self._call("restore", guest):
@@ -809,3 +850,12 @@ class Hypervisor:
             self._events = None
         with _libvirt_call("close", None):
             self._conn.close()
+
+
+def _run_qemu_img(guest: str, command: str, *args: str) -> None:
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise HypervisorError(command, guest, "qemu-img not found (Debian: qemu-utils)")
+    result = subprocess.run([qemu_img, command, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise HypervisorError(command, guest, f"qemu-img {command}: {result.stderr.strip()}")

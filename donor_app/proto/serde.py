@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from donor_app.agent.history import HourBucket, Totals
-from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
+from donor_app.agent.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
 from donor_app.proto.v1 import agent_pb2 as pb
 
@@ -72,6 +72,12 @@ def status_to_proto(status: AgentStatus) -> pb.Status:
             )
             for g in status.guests
         ],
+        moves=[
+            pb.GuestMove(
+                at=timestamp(m.at), guest=m.guest, event=m.event, peer=m.peer, detail=m.detail
+            )
+            for m in status.moves
+        ],
     )
     if decision.next_change is not None:
         message.next_change.CopyFrom(timestamp(decision.next_change))
@@ -108,6 +114,9 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
             state=message.coordinator.state or "not_configured",
             detail=message.coordinator.detail,
             donor_id=message.coordinator.donor_id,
+        ),
+        moves=tuple(
+            GuestMove(moment(m.at), m.guest, m.event, m.peer, m.detail) for m in message.moves
         ),
     )
 

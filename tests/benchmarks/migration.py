@@ -95,6 +95,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=10)
     parser.add_argument(
+        "--max-downtime-ms", type=int, default=100, help="the fleet's live-migration setting"
+    )
+    parser.add_argument(
         "--ticks-out", type=Path, help="write every tick seen (time, value, donor) here, as CSV"
     )
     args = parser.parse_args()
@@ -102,7 +105,7 @@ def main() -> int:
     config = FleetConfig(
         lease_ttl=LEASE,
         report_interval=timedelta(seconds=1),
-        migration=MigrationLimits(max_downtime_ms=100, deadline_s=60),
+        migration=MigrationLimits(max_downtime_ms=args.max_downtime_ms, deadline_s=60),
         checkpoint_interval=timedelta(seconds=10),
     )
     base = shared_tmp_dir(Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp")))
@@ -186,6 +189,7 @@ def main() -> int:
         "lease_ttl_s": LEASE.total_seconds(),
         "guest_memory_mib": 256,
         "tick_interval_ms": 10,
+        "max_downtime_setting_ms": args.max_downtime_ms,
         "cores": os.cpu_count(),
     }
     results["targets_met"] = {

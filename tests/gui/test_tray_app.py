@@ -12,6 +12,7 @@ import pytest
 from PySide6.QtWidgets import QMessageBox, QSystemTrayIcon
 from pytestqt.qtbot import QtBot
 
+from donor_app.agent.status import GuestMove
 from donor_app.domain.decision import Cause
 from donor_app.domain.settings import EVERY_DAY, DonationWindow, Window
 from donor_app.gui.app import TrayApp, TrayOptions
@@ -80,6 +81,20 @@ def test_the_menu_follows_the_status_and_pausing_snoozes_the_agent(
     next(a for a in tray.menu.actions() if a.objectName() == "resume").trigger()
     assert agent.client.status().decision.cause is not Cause.SNOOZED
     wait_state(qtbot, tray, TrayState.DONATING)
+
+
+def test_the_menu_lists_recent_guest_moves(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+    wait_state(qtbot, tray, TrayState.DONATING)
+    moved_at = datetime.now().astimezone()
+    move = GuestMove(moved_at, "w-3f2a9c0d11223344", "arrived", "d-91c0aa5500112233", "live")
+    agent.engine.set_moves((move,))  # as the agent's move journal does
+    qtbot.waitUntil(lambda: bool(tray.status and tray.status.moves), timeout=DEADLINE_MS)
+    tray.menu.aboutToShow.emit()
+    rows = [a for a in tray.menu.actions() if not a.isSeparator()]
+    texts = [a.text() for a in rows]
+    assert "Recent moves" in texts
+    line = next(a for a in rows if a.text().endswith("w-3f2a… arrived from d-91c0… (live)"))
+    assert not line.isEnabled()  # information, not an action
 
 
 def test_pause_until_i_resume(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:

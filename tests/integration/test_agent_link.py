@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from donor_app.agent.link.connection import CoordinatorLink
+from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.link.workloads import FleetWorkloads
-from donor_app.agent.status import AgentStatus, LinkStatus
+from donor_app.agent.status import AgentStatus, GuestMove, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
 from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.images import ImageCache
@@ -46,6 +47,7 @@ class FakeEngine:
     status_now: AgentStatus
     links: list[LinkStatus] = field(default_factory=list)
     held: list[frozenset[str]] = field(default_factory=list)
+    moves: list[tuple[GuestMove, ...]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def status(self) -> AgentStatus:
@@ -58,6 +60,15 @@ class FakeEngine:
     def hold_paused(self, names: frozenset[str]) -> None:
         with self.lock:
             self.held.append(names)
+
+    def set_moves(self, moves: tuple[GuestMove, ...]) -> None:
+        with self.lock:
+            self.moves.append(moves)
+
+    def latest_moves(self) -> list[tuple[str, str]]:
+        """(event, guest) of the moves last published, newest first."""
+        with self.lock:
+            return [(m.event, m.guest) for m in self.moves[-1]] if self.moves else []
 
     @staticmethod
     def call(fn: Callable[[], object]) -> object:
@@ -81,6 +92,7 @@ class Donor:
     credentials: CredentialStore
     workloads: FleetWorkloads
     root: Path
+    journal: MoveJournal
 
     def link(
         self, coordinator: RunningCoordinator, token: str | None, token_file: Path | None = None
@@ -111,9 +123,11 @@ def donor(tmp_path: Path) -> Iterator[Donor]:
         f"test://{node}", images=ImageCache(tmp_path / "donor-images"), state_dir=tmp_path / "state"
     )
     engine = FakeEngine(_idle_status())
-    workloads = FleetWorkloads(hv, tmp_path / "fleet-workloads.json", engine.call)
+    # As the agent wires it (donor_app/agent/main.py): each move reaches the engine.
+    journal = MoveJournal(tmp_path / "fleet-moves.json", on_change=engine.set_moves)
+    workloads = FleetWorkloads(hv, tmp_path / "fleet-workloads.json", engine.call, journal=journal)
     try:
-        yield Donor(hv, engine, CredentialStore(tmp_path / "data"), workloads, tmp_path)
+        yield Donor(hv, engine, CredentialStore(tmp_path / "data"), workloads, tmp_path, journal)
     finally:
         hv.close()
 
@@ -173,11 +187,22 @@ def test_enrolls_once_runs_and_stops_a_workload(
         assert donor.hv.list_guests() == [workload.id]
         # The images came from the coordinator and were verified into the donor's cache.
         assert all(donor.hv.images.has(sha) for sha in (workload.spec.kernel.kernel_sha256,))
+        # The owner's journal says it started here, and the engine's status carries it.
+        assert donor.engine.latest_moves() == [("started", workload.id)]
 
         with coordinator.admin() as admin:
             admin.cancel(workload.id)
         wait_for(lambda: donor.hv.list_guests() == [], 30, "the cancelled guest removed")
         assert donor.workloads.names() == frozenset()
+        wait_for(lambda: len(donor.engine.latest_moves()) == 2, 10, "the removal journaled")
+        assert donor.engine.latest_moves() == [
+            ("removed", workload.id),
+            ("started", workload.id),
+        ]
+        # Kept for the next agent run: the tray shows them again after a restart.
+        kept = MoveJournal(donor.root / "fleet-moves.json").recent()
+        assert [(m.event, m.guest) for m in kept] == donor.engine.latest_moves()
+        assert kept[0].detail  # the coordinator's reason for the removal
     finally:
         link.stop()
 

@@ -20,6 +20,7 @@ import pytest
 
 from donor_app.agent.engine import Engine
 from donor_app.agent.history import History
+from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.local_api import AgentAlreadyRunning, LocalApiServer
 from donor_app.agent.local_client import AgentClient, AgentRefused
 from donor_app.domain.decision import Cause, Level
@@ -120,6 +121,18 @@ def test_watch_streams_a_new_snapshot_when_the_level_changes(agent: Agent):
     agent.client.report_activity(datetime.now().astimezone(), events=1)
     paused = next(s for s in stream if s.decision.level is Level.PAUSED)
     assert paused.decision.cause is Cause.OWNER_ACTIVE
+
+
+def test_a_journaled_guest_move_reaches_the_watchers(agent: Agent, tmp_path: Path):
+    stream = agent.client.watch()
+    assert next(stream).moves == ()
+    journal = MoveJournal(tmp_path / "fleet-moves.json", on_change=agent.engine.set_moves)
+    journal.record("arrived", "w-3f2a9c0d11223344", "d-91c0aa5500112233", "live")
+    moved = next(s for s in stream if s.moves)
+    assert moved.moves == journal.recent()
+    journal.record("left", "w-3f2a9c0d11223344", "d-91c0aa5500112233", "live, 2.3 s")
+    left = next(s for s in stream if len(s.moves) == 2)
+    assert [m.event for m in left.moves] == ["left", "arrived"]
 
 
 def test_snooze_pauses_until_resume(agent: Agent):

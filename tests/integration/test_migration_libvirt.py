@@ -8,20 +8,27 @@ guest kept its state: after a move it goes on from where it was, it does not res
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import shutil
+import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from donor_app.domain.vm import VmSpec
+from donor_app.agent.link.workloads import FleetWorkloads, WorkloadError
+from donor_app.domain import link
+from donor_app.domain.vm import DiskBoot, VmSpec
 from donor_app.hypervisor.errors import HypervisorError
 from donor_app.hypervisor.host import GuestState, Hypervisor
 from donor_app.hypervisor.images import ImageCache
@@ -489,3 +496,90 @@ def test_warm_up_has_a_fresh_libvirtd_probe_qemu_before_the_first_guest(workdir:
             assert list(probed.glob("*.xml"))
         finally:
             hv.close()
+
+
+class _CoordinatorShelf:
+    """What PushCheckpoint/PullCheckpoint do for the agent (their real gRPC side is
+    tested in test_coordinator_moves.py): keep the uploaded file, hand it back."""
+
+    def __init__(self, donor_id: str) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.donor_id = donor_id
+
+    def push(self, workload_id: str, epoch: int, path: Path, sha256: str) -> link.CheckpointInfo:
+        data = path.read_bytes()
+        self.blobs[sha256] = data
+        return link.CheckpointInfo(sha256, len(data), epoch, datetime.now(UTC), self.donor_id)
+
+    def pull(self, workload_id: str, epoch: int, sha256: str) -> Iterator[bytes]:
+        data = self.blobs[sha256]
+        for start in range(0, len(data), 1 << 20):
+            yield data[start : start + (1 << 20)]
+
+
+class _NoImages:
+    def fetch(self, sha256: str) -> Iterator[bytes]:
+        raise AssertionError(f"image {sha256} should be cached already")
+
+
+def _qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, check=False)
+
+
+def test_a_disk_guest_moves_cold_with_its_disk_overlay(
+    donors: tuple[Donor, Donor], workdir: Path
+) -> None:
+    a, b = donors
+    base = workdir / f"base-{next(_names)}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    sha = a.hv.images.add_file(base)
+    assert b.hv.images.add_file(base) == sha
+    wid = f"w-disk{next(_names)}"
+    spec = VmSpec(wid, 1, 256, DiskBoot(sha))
+    shelf = _CoordinatorShelf("donor-a")
+    on_a = FleetWorkloads(a.hv, a.home / f"{wid}-a.json", lambda call: call())
+    on_b = FleetWorkloads(b.hv, b.home / f"{wid}-b.json", lambda call: call())
+
+    on_a.run(link.RunWorkload(wid, 1, spec), _NoImages())
+    assert a.hv.state(wid) is GuestState.RUNNING
+    assert on_a.checkpoint(link.Checkpoint(wid, 1), shelf) is None  # saved here only
+    # What the guest wrote to its disk (written here while it is saved, as a marker).
+    overlay_a = a.hv.guest_dir(wid) / "disk.qcow2"
+    assert _qemu_io("-c", "write -P 0x5a 1M 64k", str(overlay_a)).returncode == 0
+    info = on_a.checkpoint(link.Checkpoint(wid, 1, upload=True), shelf)
+    assert info is not None and _looks_like_tar(shelf.blobs[info.sha256])
+
+    on_b.run(link.RunWorkload(wid, 3, spec, checkpoint=info), _NoImages(), shelf)
+    assert b.hv.state(wid) is GuestState.RUNNING
+    overlay_b = b.hv.guest_dir(wid) / "disk.qcow2"
+    check = _qemu_io("-r", "-U", "-c", "read -P 0x5a 1M 64k", str(overlay_b))
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout, check
+    backing = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(overlay_b)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(backing)["backing-filename"] == str(b.hv.images.path(sha))
+    assert not list((b.hv.state_dir / "incoming").iterdir())  # nothing left behind
+
+    # A bundle that smuggles anything else in is refused, and nothing is left defined.
+    evil = workdir / f"evil-{wid}.tar"
+    with tarfile.open(evil, "w") as tar:
+        tar.add(overlay_b, arcname="../../escape")
+    evil_sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    shelf.blobs[evil_sha] = evil.read_bytes()
+    forged = link.CheckpointInfo(evil_sha, evil.stat().st_size, 5, datetime.now(UTC))
+    other = f"{wid}x"
+    with pytest.raises(WorkloadError, match="unexpected member '../../escape'"):
+        on_a.run(
+            link.RunWorkload(other, 5, replace(spec, name=other), checkpoint=forged),
+            _NoImages(),
+            shelf,
+        )
+    assert not a.hv.exists(other)
+    assert not (workdir / "escape").exists()
+
+
+def _looks_like_tar(data: bytes) -> bool:
+    return data[257:262] == b"ustar"

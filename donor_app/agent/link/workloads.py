@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from donor_app.agent.link.bundle import BundleError, is_bundle, read_bundle, write_bundle
+from donor_app.agent.link.journal import MoveJournal
+from donor_app.agent.status import MoveEvent
 from donor_app.domain import link
 from donor_app.domain.vm import VmSpec
 from donor_app.hypervisor.errors import HypervisorError, ImageError
@@ -66,6 +70,7 @@ class WorkloadError(Exception):
 
 
 CHECKPOINT_FILE = "checkpoint.save"
+BUNDLE_FILE = "checkpoint.bundle"  # a disk guest's save file and overlay, to upload
 
 
 def file_sha256(path: Path) -> str:
@@ -83,8 +88,11 @@ class FleetWorkloads:
         state_file: Path,
         run_on_engine: Callable[[Callable[[], object]], object],
         migration: MigrationEndpoint | None = None,
+        *,
+        journal: MoveJournal | None = None,
     ) -> None:
         self._hv = hv
+        self._journal = journal
         self._file = state_file
         self._on_engine = run_on_engine
         self._migration = migration
@@ -96,6 +104,8 @@ class FleetWorkloads:
         self._incoming: set[str] = set()
         # The last report of each guest (the engine thread's, replaced as a whole).
         self._last_reports: dict[str, link.GuestReport] = {}
+        # The donor each incoming guest comes from, for the journal when it arrives.
+        self._sources: dict[str, str] = {}
 
     # --- state file ------------------------------------------------------------------------
 
@@ -154,7 +164,12 @@ class FleetWorkloads:
                     # ours until libvirt finished the move (the source still runs it).
                     return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "arriving")
                 with self._lock:
+                    # Another report may have seen it land first: journal it once.
+                    landed = workload_id in self._incoming
                     self._incoming.discard(workload_id)
+                    source = self._sources.pop(workload_id, "")
+                if landed:
+                    self._moved("arrived", workload_id, source, "live")
             state = self._hv.state(workload_id)
             if state is GuestState.SHUTOFF and (
                 self._hv.has_managed_save(workload_id) or self._saved(workload_id).exists()
@@ -225,6 +240,10 @@ class FleetWorkloads:
 
                 self._on_engine(create)
             log.info("workload %s started (epoch %d)", workload_id, command.epoch)
+            if command.checkpoint is not None:
+                self._moved("restored", workload_id, command.checkpoint.donor_id)
+            else:
+                self._moved("started", workload_id)
         except (HypervisorError, ImageError, OSError, ValueError, WorkloadError) as error:
             with self._lock:
                 self._held.pop(workload_id, None)
@@ -233,6 +252,16 @@ class FleetWorkloads:
         finally:
             with self._lock:
                 self._starting.discard(workload_id)
+
+    def _with_overlay(self, workload_id: str, saved: Path) -> Path:
+        """The file to upload: the save file, or a disk guest's bundle of it and its
+        overlay (written while the guest is stopped, so the two match)."""
+        overlay = self._hv.disk_overlay(workload_id)
+        if overlay is None:
+            return saved
+        out = saved.with_name(BUNDLE_FILE)
+        write_bundle(saved, overlay, out)
+        return out
 
     def _restore(
         self,
@@ -246,6 +275,7 @@ class FleetWorkloads:
         directory = self._hv.state_dir / "incoming"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{spec.name}.save"
+        unpacked = directory / f"{spec.name}.unpacked"
         digest = hashlib.sha256()
         size = 0
         try:
@@ -263,15 +293,22 @@ class FleetWorkloads:
                 )
             if self._exists(spec.name):  # an older epoch's copy
                 self._on_engine(lambda: self._remove(spec.name))
-            self._hv.restore_elsewhere(spec, path)
+            if is_bundle(path):
+                state, overlay = read_bundle(path, unpacked)
+                self._hv.restore_elsewhere(spec, state, disk_overlay=overlay)
+            else:
+                self._hv.restore_elsewhere(spec, path)
             log.info(
                 "workload %s restored from the checkpoint taken at %s on donor %s",
                 spec.name,
                 checkpoint.taken_at.isoformat(timespec="seconds"),
                 checkpoint.donor_id or "?",
             )
+        except BundleError as error:
+            raise WorkloadError(str(error)) from None
         finally:
             path.unlink(missing_ok=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
 
     def _exists(self, workload_id: str) -> bool:
         return bool(self._on_engine(lambda: self._hv.exists(workload_id)))
@@ -323,17 +360,23 @@ class FleetWorkloads:
         with self._lock:
             self._held.pop(workload_id, None)
             self._incoming.discard(workload_id)
+            self._sources.pop(workload_id, None)
             self._save()
         log.info("workload %s stopped: %s", workload_id, command.reason)
+        # Not for a resent command (no longer held), nor for a guest that never arrived.
+        if held_epoch is not None and not incoming:
+            self._moved("removed", workload_id, detail=command.reason)
 
     def checkpoint(
         self, command: link.Checkpoint, transport: CheckpointTransport | None = None
     ) -> link.CheckpointInfo | None:
         """Save the guest to its checkpoint file (the guest stops; with keep_running it
-        is restored from that file at once), then upload the file if asked."""
+        is restored from that file at once), then upload the file if asked — for a disk
+        guest, bundled with its disk overlay as it was at the save (bundle.py)."""
         workload_id = command.workload_id
         self._check_epoch(workload_id, command.epoch)
         path = self._saved(workload_id)
+        upload = path
         try:
             state = self._hv.state(workload_id)
             if state is GuestState.SHUTOFF:
@@ -342,19 +385,28 @@ class FleetWorkloads:
             else:
                 path.unlink(missing_ok=True)
                 self._hv.save(workload_id, path)
-                if command.keep_running:
+            try:
+                if command.upload and transport is not None:
+                    upload = self._with_overlay(workload_id, path)  # the guest is stopped
+            finally:
+                if state is not GuestState.SHUTOFF and command.keep_running:
                     self._hv.restore(workload_id, path)
         except HypervisorError as error:
             raise WorkloadError(f"cannot checkpoint {workload_id}: {error}") from None
+        except OSError as error:
+            raise WorkloadError(f"cannot bundle {workload_id}'s disk: {error}") from None
         log.info("workload %s saved to %s", workload_id, path)
         if not command.upload or transport is None:
             return None
         try:
-            info = transport.push(workload_id, command.epoch, path, file_sha256(path))
+            info = transport.push(workload_id, command.epoch, upload, file_sha256(upload))
         finally:
+            if upload != path:
+                upload.unlink(missing_ok=True)
             if command.keep_running:
                 path.unlink(missing_ok=True)  # the guest runs on; the file is stale now
         log.info("workload %s checkpoint uploaded (%.1f MiB)", workload_id, info.size / 2**20)
+        self._moved_by_checkpoint(command, info)
         return info
 
     def prepare(self, command: link.PrepareMigration, images: ImageSource) -> link.MigrationTarget:
@@ -379,6 +431,7 @@ class FleetWorkloads:
         with self._lock:
             self._held[workload_id] = command.epoch
             self._incoming.add(workload_id)
+            self._sources[workload_id] = command.source_donor_id
             self._save()
         log.info("ready to receive %s (epoch %d)", workload_id, command.epoch)
         return link.MigrationTarget(
@@ -426,6 +479,7 @@ class FleetWorkloads:
             command.target_donor_id,
             outcome.seconds,
         )
+        self._moved("left", workload_id, command.target_donor_id, f"live, {outcome.seconds:.1f} s")
         return link.MigrationReport(outcome.seconds, outcome.downtime_ms or 0.0)
 
     def _check_epoch(self, workload_id: str, epoch: int) -> None:
@@ -433,3 +487,16 @@ class FleetWorkloads:
             held_epoch = self._held.get(workload_id)
         if held_epoch != epoch:
             raise WorkloadError(f"{workload_id} is not held here at epoch {epoch}")
+
+    # --- the owner's journal of moves ---------------------------------------------------------
+
+    def _moved(self, event: MoveEvent, workload_id: str, peer: str = "", detail: str = "") -> None:
+        """Journal a move that happened (never raises: the journal logs its own trouble)."""
+        if self._journal is not None:
+            self._journal.record(event, workload_id, peer, detail)
+
+    def _moved_by_checkpoint(self, command: link.Checkpoint, info: link.CheckpointInfo) -> None:
+        """An uploaded checkpoint moves the guest only when it stopped here (a periodic
+        one, keep_running, leaves it running: nothing moved)."""
+        if not command.keep_running:
+            self._moved("saved", command.workload_id, detail=f"{info.size / 2**20:.1f} MiB")

@@ -129,6 +129,7 @@ class Status(_message.Message):
     SETTINGS_ERROR_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
     COORDINATOR_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
     level: Global___Level.ValueType
     cause: _builtins.str
     """machine-readable: owner_active, battery, heat, schedule, ..."""
@@ -155,6 +156,10 @@ class Status(_message.Message):
     def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestStatus]: ...
     @_builtins.property
     def coordinator(self) -> Global___CoordinatorLink: ...
+    @_builtins.property
+    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestMove]:
+        """the latest fleet guest moves here, newest first"""
+
     def __init__(
         self,
         *,
@@ -170,10 +175,11 @@ class Status(_message.Message):
         settings_error: _builtins.str = ...,
         user_agent: _builtins.bool = ...,
         coordinator: Global___CoordinatorLink | None = ...,
+        moves: _abc.Iterable[Global___GuestMove] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "coordinator", b"coordinator", "next_change", b"next_change", "snoozed_until", b"snoozed_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "cause", b"cause", "coordinator", b"coordinator", "guests", b"guests", "level", b"level", "next_change", b"next_change", "reason", b"reason", "settings_error", b"settings_error", "snoozed_indefinitely", b"snoozed_indefinitely", "snoozed_until", b"snoozed_until", "user_agent", b"user_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caps", b"caps", "cause", b"cause", "coordinator", b"coordinator", "guests", b"guests", "level", b"level", "moves", b"moves", "next_change", b"next_change", "reason", b"reason", "settings_error", b"settings_error", "snoozed_indefinitely", b"snoozed_indefinitely", "snoozed_until", b"snoozed_until", "user_agent", b"user_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,6 +218,46 @@ class CoordinatorLink(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CoordinatorLink: _TypeAlias = CoordinatorLink  # noqa: Y015
+
+@_typing.final
+class GuestMove(_message.Message):
+    """A fleet guest came to this donor or left it (the agent's journal of moves)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    GUEST_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    guest: _builtins.str
+    """the workload id (its guest's name)"""
+    event: _builtins.str
+    """started, restored (from a checkpoint), arrived (live migration to here), left
+    (live-migrated away), saved (checkpoint handed to the coordinator), removed
+    """
+    peer: _builtins.str
+    """the other donor's id: source, target, or where the checkpoint was taken"""
+    detail: _builtins.str
+    """for people: "live, 2.3 s", the reason it was removed, ..."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        guest: _builtins.str = ...,
+        event: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "detail", b"detail", "event", b"event", "guest", b"guest", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestMove: _TypeAlias = GuestMove  # noqa: Y015
 
 @_typing.final
 class WatchStatusRequest(_message.Message):
