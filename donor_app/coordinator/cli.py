@@ -81,9 +81,12 @@ def _add_move_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--migration-max-downtime",
         type=_bounded_int("--migration-max-downtime", 1, 60_000),
-        default=100,
+        default=MigrationLimits().max_downtime_ms,
         metavar="MS",
-        help="longest pause a live migration may cause (default: %(default)s ms)",
+        help=(
+            "QEMU's budget for the final copy of a live migration (default: %(default)s ms);"
+            " the guest also waits for the switch-over, ~70-100 ms more on loopback"
+        ),
     )
     serve.add_argument(
         "--migration-deadline",

@@ -445,6 +445,8 @@ class Fleet:
                 return
             if await self._readopt(session, record, guest, events):
                 return
+            if record.state is WorkloadState.EVACUATING and guest.epoch > record.epoch:
+                return  # a move target from before a restart: its move decides, not a fence
             reason = (
                 f"stale epoch {guest.epoch}: the workload is at epoch {record.epoch}"
                 + (f" on donor {record.donor_id}" if record.donor_id else " (requeued)")

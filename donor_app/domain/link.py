@@ -65,7 +65,7 @@ class MigrationTarget:
 @dataclass(frozen=True, slots=True)
 class MigrationLimits:
     bandwidth_mibps: int = 0  # 0: unlimited
-    max_downtime_ms: int = 100
+    max_downtime_ms: int = 50
     deadline_s: int = 60
     tls: bool = False
 

@@ -71,7 +71,7 @@ class MigrationOptions:
     (needs libvirt's migration TLS certificates on both hosts)."""
 
     bandwidth_mibps: int = 0
-    max_downtime_ms: int = 100
+    max_downtime_ms: int = 50
     deadline_s: float = 60.0
     tls: bool = False
 

@@ -95,7 +95,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=10)
     parser.add_argument(
-        "--max-downtime-ms", type=int, default=100, help="the fleet's live-migration setting"
+        "--max-downtime-ms",
+        type=int,
+        default=MigrationLimits().max_downtime_ms,
+        help="the fleet's live-migration setting (default: the coordinator's default)",
     )
     parser.add_argument(
         "--ticks-out", type=Path, help="write every tick seen (time, value, donor) here, as CSV"
