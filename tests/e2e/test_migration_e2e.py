@@ -156,6 +156,15 @@ def test_the_owner_returns_and_the_guest_continues_live_elsewhere(base: Path) ->
         assert "live from donor" in moved_detail
         assert source.domain_state(wid) is None  # gone from the source, not even defined
         assert target.domain_state(wid) == "running"
+        # What each owner's tray shows (the agents' status): where the guest went/came from.
+        left = [(m.event, m.guest, m.peer) for m in source.agent.client.status().moves]
+        assert ("left", wid, target.donor_id) in left, left
+        arrived = wait_for(
+            lambda: [(m.event, m.guest, m.peer) for m in target.agent.client.status().moves],
+            30,
+            "the arrival in the target's status",
+        )
+        assert ("arrived", wid, source.donor_id) in arrived, arrived
         for donor in donors:
             assert "Traceback" not in donor.agent.log_text()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import stat
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -129,20 +128,6 @@ def test_a_directory_in_the_files_place_is_set_aside(tmp_path: Path) -> None:
     moves.record("started", "w-1")
     assert path.is_file()
     assert any(p.name.startswith("moves.json.corrupt-") and p.is_dir() for p in tmp_path.iterdir())
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
-def test_an_unwritable_directory_keeps_the_moves_in_memory(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    moves = journal(locked / "moves.json")
-    with caplog.at_level(logging.WARNING):
-        moves.record("started", "w-1")
-        moves.record("left", "w-1", "d-2")
-    assert [m.event for m in moves.recent(10)] == ["left", "started"]
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
 def test_a_path_that_cannot_be_a_file_keeps_the_moves_in_memory(
