@@ -74,6 +74,16 @@ _REPORTED = {
 }
 
 
+def _newer_copy_of_evacuating(record: WorkloadRecord | None, guest: link.GuestReport) -> bool:
+    """A copy at an epoch above an evacuating workload's: a move's target, perhaps of a
+    move a restart lost — the move (or the sweep after it) decides, not a fence."""
+    return (
+        record is not None
+        and record.state is WorkloadState.EVACUATING
+        and guest.epoch > record.epoch
+    )
+
+
 # Policy levels at which a donor asks for its guests to be moved away (Report.level).
 RECLAIMING_LEVELS = frozenset({"evacuate", "checkpoint"})
 
@@ -361,11 +371,7 @@ class Fleet:
         move = self._moves.get(guest.workload_id)
         if move is not None and move.target == session.donor_id:
             return
-        if (
-            record is not None
-            and record.state is WorkloadState.EVACUATING
-            and guest.epoch > record.epoch
-        ):
+        if _newer_copy_of_evacuating(record, guest):
             return  # a move target from before a restart: left until the move is over
         key = (guest.workload_id, guest.epoch)
         if key in session.cleaned:
@@ -445,7 +451,7 @@ class Fleet:
                 return
             if await self._readopt(session, record, guest, events):
                 return
-            if record.state is WorkloadState.EVACUATING and guest.epoch > record.epoch:
+            if _newer_copy_of_evacuating(record, guest):
                 return  # a move target from before a restart: its move decides, not a fence
             reason = (
                 f"stale epoch {guest.epoch}: the workload is at epoch {record.epoch}"

@@ -236,6 +236,12 @@ class Hypervisor:
             else None
         )
 
+    def _make_guest_dir(self, guest: str) -> Path:
+        guest_dir = self.guest_dir(guest)
+        guest_dir.mkdir(parents=True, exist_ok=True)
+        guest_dir.chmod(0o755)  # QEMU (another user under qemu:///system) writes in it
+        return guest_dir
+
     def guest_dir(self, guest: str) -> Path:
         return self.state_dir / "guests" / guest
 
@@ -335,9 +341,7 @@ class Hypervisor:
         self._forget(spec.name)  # a cached domain of an earlier guest of this name is stale
         if self.exists(spec.name):
             raise HypervisorError("define", spec.name, "a guest with this name already exists")
-        guest_dir = self.guest_dir(spec.name)
-        guest_dir.mkdir(parents=True, exist_ok=True)
-        guest_dir.chmod(0o755)
+        guest_dir = self._make_guest_dir(spec.name)
         try:
             files = self._boot_files(spec)
             xml = build_domain_xml(
@@ -601,9 +605,7 @@ class Hypervisor:
             raise HypervisorError(
                 "prepare_files", spec.name, "live migration of disk guests is not supported"
             )
-        guest_dir = self.guest_dir(spec.name)
-        guest_dir.mkdir(parents=True, exist_ok=True)
-        guest_dir.chmod(0o755)  # QEMU (another user under qemu:///system) writes in it
+        self._make_guest_dir(spec.name)
         return self._boot_files(spec), self.console_path(spec.name)
 
     def migratable_xml(self, guest: str) -> str:
@@ -678,9 +680,7 @@ class Hypervisor:
             base = self.images.path(spec.boot.disk_sha256)
         except ImageError as exc:
             raise exc.for_guest(spec.name) from exc
-        guest_dir = self.guest_dir(spec.name)
-        guest_dir.mkdir(parents=True, exist_ok=True)
-        guest_dir.chmod(0o755)  # QEMU (another user under qemu:///system) writes in it
+        guest_dir = self._make_guest_dir(spec.name)
         placed = guest_dir / OVERLAY_FILE
         shutil.move(overlay, placed)
         # -u: only the backing file's name changes; its content is the same image.

@@ -406,7 +406,8 @@ class FleetWorkloads:
             if command.keep_running:
                 path.unlink(missing_ok=True)  # the guest runs on; the file is stale now
         log.info("workload %s checkpoint uploaded (%.1f MiB)", workload_id, info.size / 2**20)
-        self._moved_by_checkpoint(command, info)
+        if not command.keep_running:  # a periodic checkpoint leaves the guest running here
+            self._moved("saved", workload_id, detail=f"{info.size / 2**20:.1f} MiB")
         return info
 
     def prepare(self, command: link.PrepareMigration, images: ImageSource) -> link.MigrationTarget:
@@ -494,9 +495,3 @@ class FleetWorkloads:
         """Journal a move that happened (never raises: the journal logs its own trouble)."""
         if self._journal is not None:
             self._journal.record(event, workload_id, peer, detail)
-
-    def _moved_by_checkpoint(self, command: link.Checkpoint, info: link.CheckpointInfo) -> None:
-        """An uploaded checkpoint moves the guest only when it stopped here (a periodic
-        one, keep_running, leaves it running: nothing moved)."""
-        if not command.keep_running:
-            self._moved("saved", command.workload_id, detail=f"{info.size / 2**20:.1f} MiB")
