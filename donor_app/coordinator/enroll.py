@@ -19,9 +19,9 @@ from donor_app.coordinator.enrollment import (
     parse_token,
 )
 from donor_app.coordinator.fleet import Fleet, new_id
-from donor_app.coordinator.model import DonorRecord
 from donor_app.coordinator.session import Code, Refused
 from donor_app.coordinator.store.ports import TokenRefused
+from donor_app.domain.records import DonorRecord
 
 HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 MAX_CSR_BYTES = 16 * 1024

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from donor_app.coordinator.model import TokenRecord
+from donor_app.domain.records import TokenRecord
 
 logger = logging.getLogger(__name__)
 

@@ -28,18 +28,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from donor_app.coordinator.images import ImageStore
-from donor_app.coordinator.model import (
-    FINAL_STATES,
-    HELD_STATES,
-    DonorRecord,
-    DonorSeen,
-    IdleSample,
-    ImageRecord,
-    LeaseRenewal,
-    WorkloadEvent,
-    WorkloadRecord,
-    WorkloadState,
-)
 from donor_app.coordinator.moves import (
     MIGRATE_EVENT,
     Move,
@@ -57,6 +45,18 @@ from donor_app.domain.placement import (
     hour_of_week,
     offer_from_capacity,
     place,
+)
+from donor_app.domain.records import (
+    FINAL_STATES,
+    HELD_STATES,
+    DonorRecord,
+    DonorSeen,
+    IdleSample,
+    ImageRecord,
+    LeaseRenewal,
+    WorkloadEvent,
+    WorkloadRecord,
+    WorkloadState,
 )
 from donor_app.domain.vm import VmSpec
 

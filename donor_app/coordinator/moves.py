@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from donor_app.coordinator.model import WorkloadEvent
 from donor_app.domain import link
+from donor_app.domain.records import WorkloadEvent
 
 
 class Phase(enum.StrEnum):

@@ -11,8 +11,8 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
-from donor_app.coordinator.model import DonorRecord, WorkloadEvent, WorkloadRecord, WorkloadState
 from donor_app.domain import link
+from donor_app.domain.records import DonorRecord, WorkloadEvent, WorkloadRecord, WorkloadState
 from donor_app.domain.vm import ARCHES, SHA256_PATTERN, DiskBoot, KernelBoot, VmSpec
 from donor_app.proto.serde import moment, timestamp
 from donor_app.proto.v1 import coordinator_pb2 as pb

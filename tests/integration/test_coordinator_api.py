@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from donor_app.agent.credentials import new_key_and_csr
 from donor_app.coordinator.admin_client import AdminClient, AdminCredential, AdminError
 from donor_app.coordinator.enrollment import new_token
-from donor_app.coordinator.model import WorkloadState
 from donor_app.domain import link
+from donor_app.domain.records import WorkloadState
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from tests.coordinator_helpers import (

@@ -21,19 +21,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 
-from donor_app.coordinator.model import (
-    Capacity,
-    CheckpointRef,
-    DonorRecord,
-    DonorSeen,
-    IdleSample,
-    ImageRecord,
-    LeaseRenewal,
-    TokenRecord,
-    WorkloadEvent,
-    WorkloadRecord,
-    WorkloadState,
-)
 from donor_app.coordinator.store import (
     AlreadyExists,
     Conflict,
@@ -52,6 +39,19 @@ from donor_app.coordinator.store.migrate import (
 from donor_app.coordinator.store.schema import donors as donors_table
 from donor_app.coordinator.store.schema import metadata, tokens, workloads
 from donor_app.coordinator.store.sql import make_engine, vmspec_to_json
+from donor_app.domain.records import (
+    Capacity,
+    CheckpointRef,
+    DonorRecord,
+    DonorSeen,
+    IdleSample,
+    ImageRecord,
+    LeaseRenewal,
+    TokenRecord,
+    WorkloadEvent,
+    WorkloadRecord,
+    WorkloadState,
+)
 from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
 from tests.postgres import fresh_database, running_postgres
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from donor_app.coordinator.model import (
+from donor_app.domain.records import (
     CheckpointRef,
     DonorRecord,
     DonorSeen,

@@ -52,7 +52,16 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
-from donor_app.coordinator.model import (
+from donor_app.coordinator.store.ports import Conflict, StoreError, TokenRefused
+from donor_app.coordinator.store.schema import (
+    donors,
+    idle_history,
+    images,
+    tokens,
+    workload_events,
+    workloads,
+)
+from donor_app.domain.records import (
     HELD_STATES,
     Capacity,
     CheckpointRef,
@@ -65,15 +74,6 @@ from donor_app.coordinator.model import (
     WorkloadEvent,
     WorkloadRecord,
     WorkloadState,
-)
-from donor_app.coordinator.store.ports import Conflict, StoreError, TokenRefused
-from donor_app.coordinator.store.schema import (
-    donors,
-    idle_history,
-    images,
-    tokens,
-    workload_events,
-    workloads,
 )
 from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
 

@@ -1,7 +1,7 @@
 """The coordinator's records: what the store keeps and the fleet logic reasons about.
 
 Plain frozen dataclasses, no SQLAlchemy or protobuf types: the store converts rows to
-these, `donor_app.proto.serde` converts them to wire messages. Times are aware UTC
+these, `donor_app.proto.coordinator_serde` converts them to wire messages. Times are aware UTC
 datetimes.
 """
 
