@@ -19,7 +19,7 @@ from donor_app.coordinator.enrollment import (
     parse_token,
 )
 from donor_app.coordinator.fleet import Fleet, new_id
-from donor_app.coordinator.session import Code, Refused
+from donor_app.coordinator.fleet.session import Code, Refused
 from donor_app.coordinator.store.ports import TokenRefused
 from donor_app.domain.records import DonorRecord
 

@@ -1,10 +1,10 @@
 """Enrollment and identity: the coordinator's CA, its TLS files, tokens and callers.
 
-Design: ../shared/docs/DESIGN.md ("Security"), issue 4 ("Enrollment"). The coordinator
-creates a CA on first start; donors enroll on a server-TLS-only port with a token and a
-CSR and get a client certificate (CN ``donor:<donor_id>``) signed by that CA; the main
-port requires such a certificate (mTLS). The admin credential is a client certificate
-with CN ``admin`` written next to the CA at first start.
+The coordinator creates a CA on first start (docs/design.md, "Security"); donors enroll
+on a server-TLS-only port with a token and a CSR and get a client certificate (CN
+``donor:<donor_id>``) signed by that CA; the main port requires such a certificate
+(mTLS). The admin credential is a client certificate with CN ``admin`` written next to
+the CA at first start.
 
 Everything here is a pure function of its inputs (times are passed in as ``now``)
 except the file helpers `CertificateAuthority.load_or_create` and `prepare_tls`, which

@@ -25,9 +25,9 @@ from donor_app.coordinator.enrollment import (
     new_token,
 )
 from donor_app.coordinator.fleet import Fleet
+from donor_app.coordinator.fleet.session import Code, DonorSession, Refused
 from donor_app.coordinator.images import ImageStore, ImageUploadError, Upload, check_sha256
 from donor_app.coordinator.metrics import Metrics
-from donor_app.coordinator.session import Code, DonorSession, Refused
 from donor_app.proto import coordinator_serde as serde
 from donor_app.proto.serde import timestamp
 from donor_app.proto.v1 import coordinator_pb2 as pb

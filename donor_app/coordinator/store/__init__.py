@@ -6,13 +6,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from donor_app.coordinator.store.memory import InMemoryStore
 from donor_app.coordinator.store.migrate import upgrade
-from donor_app.coordinator.store.ports import Conflict, Store, StoreError, TokenRefused
-from donor_app.coordinator.store.sql import AlreadyExists, SqlStore, make_engine, sqlite_path
+from donor_app.coordinator.store.ports import (
+    AlreadyExists,
+    Conflict,
+    Store,
+    StoreError,
+    TokenRefused,
+)
+from donor_app.coordinator.store.sql import SqlStore, make_engine, sqlite_path
 
 __all__ = [
     "AlreadyExists",
     "Conflict",
+    "InMemoryStore",
     "SqlStore",
     "Store",
     "StoreError",
