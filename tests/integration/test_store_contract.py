@@ -1,8 +1,12 @@
-"""The fleet store's contract, run against SQLite and a private PostgreSQL server.
+"""The fleet store's contract, run against the in-memory store, SQLite and a private
+PostgreSQL server.
 
-Every test runs twice: `store` is a SqlStore on a fresh SQLite file or on a fresh
-database of one PostgreSQL server started for the session. Never skipped: without the
-PostgreSQL binaries the session fixture fails and says what to install.
+Every test of the port runs three times: `store` is an empty InMemoryStore, a SqlStore
+on a fresh SQLite file, or a SqlStore on a fresh database of one PostgreSQL server
+started for the session. The tests of SQL itself (migrations, reopening, connection
+settings) take `sql_store` or `store_url` and run on the two databases only. Never
+skipped: without the PostgreSQL binaries the session fixture fails and says what to
+install.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -24,7 +29,9 @@ from sqlalchemy import func, inspect, select
 from donor_app.coordinator.store import (
     AlreadyExists,
     Conflict,
+    InMemoryStore,
     SqlStore,
+    Store,
     StoreError,
     TokenRefused,
     default_sqlite_url,
@@ -60,6 +67,7 @@ SHA_A = "a" * 64
 SHA_B = "b" * 64
 SHA_C = "c" * 64
 THREADS = 8
+SQL_BACKENDS = ["sqlite", "postgresql"]
 
 R = TypeVar("R")
 
@@ -74,10 +82,11 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def empty_database(request: pytest.FixtureRequest, backend: str) -> Iterator[str]:
     """A URL of an empty database: a SQLite file, or a new database on the server."""
-    if request.param == "sqlite":
+    if backend == "sqlite":
+        tmp_path: Path = request.getfixturevalue("tmp_path")
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
     server: str = request.getfixturevalue("postgres_server")
@@ -85,13 +94,36 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def store(store_url: str) -> Iterator[SqlStore]:
-    opened = open_store(store_url)
+@contextmanager
+def opened_store(url: str) -> Iterator[SqlStore]:
+    opened = open_store(url)
     try:
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    with empty_database(request, request.param) as url:
+        yield url
+
+
+@pytest.fixture
+def sql_store(store_url: str) -> Iterator[SqlStore]:
+    """A SqlStore on the empty database at `store_url`."""
+    with opened_store(store_url) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["memory", *SQL_BACKENDS])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """An empty store of each implementation of the port."""
+    if request.param == "memory":
+        yield InMemoryStore()
+        return
+    with empty_database(request, request.param) as url, opened_store(url) as opened:
+        yield opened
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -180,7 +212,7 @@ def submitted(w: WorkloadRecord) -> WorkloadEvent:
     return WorkloadEvent(workload_id=w.workload_id, at=w.created_at, kind="submitted")
 
 
-def add_workloads(store: SqlStore, *records: WorkloadRecord) -> None:
+def add_workloads(store: Store, *records: WorkloadRecord) -> None:
     for record in records:
         store.add_workload(record, submitted(record))
 
@@ -200,7 +232,22 @@ def race(n: int, call: Callable[[], R]) -> list[R | BaseException]:
         return list(pool.map(lambda _: one(), range(n)))
 
 
-def uses_left(store: SqlStore, token_id: str) -> int:
+def uses_remaining(store: Store, token_id: str, now: datetime = T0) -> int:
+    """How many more uses the token gives, seen through the port: spends them all, so
+    it is a test's last look at the token."""
+    count = 0
+    while True:
+        try:
+            store.use_token(token_id, SHA_A, now)
+        except TokenRefused as refused:
+            assert refused.reason == "used", refused
+            return count
+        count += 1
+        assert count <= 100, "the token does not run out"
+
+
+def stored_uses_left(store: SqlStore, token_id: str) -> int:
+    """The token's row as the database holds it."""
     with store.engine.connect() as conn:
         value = conn.execute(
             select(tokens.c.uses_left).where(tokens.c.token_id == token_id)
@@ -211,17 +258,17 @@ def uses_left(store: SqlStore, token_id: str) -> int:
 # --- enrollment tokens ----------------------------------------------------------------
 
 
-def test_single_use_token_is_refused_the_second_time(store: SqlStore) -> None:
+def test_single_use_token_is_refused_the_second_time(store: Store) -> None:
     store.add_token(token(uses=1))
     used = store.use_token("tok1", SHA_A, T0 + timedelta(minutes=1))
     assert used == replace(token(uses=1), uses_left=0)
     with pytest.raises(TokenRefused) as refused:
         store.use_token("tok1", SHA_A, T0 + timedelta(minutes=2))
     assert refused.value.reason == "used"
-    assert uses_left(store, "tok1") == 0
+    assert uses_remaining(store, "tok1") == 0
 
 
-def test_token_with_n_uses_gives_exactly_n(store: SqlStore) -> None:
+def test_token_with_n_uses_gives_exactly_n(store: Store) -> None:
     store.add_token(token(uses=3))
     got = [store.use_token("tok1", SHA_A, T0).uses_left for _ in range(3)]
     assert got == [2, 1, 0]
@@ -229,36 +276,35 @@ def test_token_with_n_uses_gives_exactly_n(store: SqlStore) -> None:
         store.use_token("tok1", SHA_A, T0)
 
 
-def test_expired_token_is_refused_and_unchanged(store: SqlStore) -> None:
+def test_expired_token_is_refused_and_unchanged(store: Store) -> None:
     store.add_token(token(uses=2, ttl=timedelta(hours=1)))
     for now in (T0 + timedelta(hours=1), T0 + timedelta(days=3)):  # expiry is exclusive
         with pytest.raises(TokenRefused) as refused:
             store.use_token("tok1", SHA_A, now)
         assert refused.value.reason == "expired"
-    assert uses_left(store, "tok1") == 2
-    # One microsecond before the end it still works.
-    ok = store.use_token("tok1", SHA_A, T0 + timedelta(hours=1) - timedelta(microseconds=1))
-    assert ok.uses_left == 1
+    # One microsecond before the end it still works, with both uses left.
+    last_moment = T0 + timedelta(hours=1) - timedelta(microseconds=1)
+    assert store.use_token("tok1", SHA_A, last_moment).uses_left == 1
+    assert uses_remaining(store, "tok1", last_moment) == 1
 
 
-def test_unknown_token_and_wrong_secret_are_both_unknown(store: SqlStore) -> None:
+def test_unknown_token_and_wrong_secret_are_both_unknown(store: Store) -> None:
     store.add_token(token(uses=1))
     for token_id, secret in (("nope", SHA_A), ("tok1", SHA_B), ("tok1", "")):
         with pytest.raises(TokenRefused) as refused:
             store.use_token(token_id, secret, T0)
         assert refused.value.reason == "unknown"
-    assert uses_left(store, "tok1") == 1
-    assert store.use_token("tok1", SHA_A, T0).uses_left == 0
+    assert store.use_token("tok1", SHA_A, T0).uses_left == 0  # its one use is still there
 
 
-def test_used_up_token_refusal_leaves_it_unchanged(store: SqlStore) -> None:
+def test_used_up_token_refusal_leaves_it_unchanged(store: Store) -> None:
     store.add_token(token(uses=0))
     with pytest.raises(TokenRefused, match="used"):
         store.use_token("tok1", SHA_A, T0)
-    assert uses_left(store, "tok1") == 0
+    assert uses_remaining(store, "tok1") == 0
 
 
-def test_concurrent_use_of_single_use_token_has_one_winner(store: SqlStore) -> None:
+def test_concurrent_use_of_single_use_token_has_one_winner(store: Store) -> None:
     store.add_token(token(uses=1))
     results = race(THREADS, lambda: store.use_token("tok1", SHA_A, T0))
     winners = [r for r in results if isinstance(r, TokenRecord)]
@@ -266,10 +312,10 @@ def test_concurrent_use_of_single_use_token_has_one_winner(store: SqlStore) -> N
     assert len(winners) == 1, results
     assert len(losers) == THREADS - 1, results
     assert {r.reason for r in losers} == {"used"}
-    assert uses_left(store, "tok1") == 0
+    assert uses_remaining(store, "tok1") == 0
 
 
-def test_concurrent_use_of_three_use_token_has_three_winners(store: SqlStore) -> None:
+def test_concurrent_use_of_three_use_token_has_three_winners(store: Store) -> None:
     store.add_token(token(uses=3))
     results = race(THREADS, lambda: store.use_token("tok1", SHA_A, T0))
     winners = sorted(r.uses_left for r in results if isinstance(r, TokenRecord))
@@ -277,17 +323,17 @@ def test_concurrent_use_of_three_use_token_has_three_winners(store: SqlStore) ->
     assert all(isinstance(r, TokenRefused) for r in results if not isinstance(r, TokenRecord))
 
 
-def test_adding_a_known_token_id_is_refused(store: SqlStore) -> None:
+def test_adding_a_known_token_id_is_refused(store: Store) -> None:
     store.add_token(token(uses=1))
     with pytest.raises(AlreadyExists):
         store.add_token(token(uses=5))
-    assert uses_left(store, "tok1") == 1
+    assert uses_remaining(store, "tok1") == 1
 
 
 # --- donors ---------------------------------------------------------------------------
 
 
-def test_donors_add_get_and_list(store: SqlStore) -> None:
+def test_donors_add_get_and_list(store: Store) -> None:
     bare = donor("d2", enrolled=timedelta(seconds=1))
     full = donor(
         "d1",
@@ -309,13 +355,13 @@ def test_donors_add_get_and_list(store: SqlStore) -> None:
     assert store.get_donor("d1") == full
 
 
-def test_capacity_without_lend_until_round_trips(store: SqlStore) -> None:
+def test_capacity_without_lend_until_round_trips(store: Store) -> None:
     record = donor("d1", capacity=replace(capacity(idle=False), lend_until=None))
     store.add_donor(record)
     assert store.get_donor("d1") == record
 
 
-def test_set_donor_flags_changes_only_what_is_given(store: SqlStore) -> None:
+def test_set_donor_flags_changes_only_what_is_given(store: Store) -> None:
     store.add_donor(donor("d1", capacity=capacity()))
     store.add_donor(donor("d2"))
     drained = store.set_donor_flags("d1", drained=True)
@@ -335,7 +381,7 @@ def test_set_donor_flags_changes_only_what_is_given(store: SqlStore) -> None:
 
 
 def test_record_seen_updates_known_donors_clears_lost_and_ignores_unknown(
-    store: SqlStore,
+    store: Store,
 ) -> None:
     store.add_donor(donor("d1", lost=True, drained=True))
     store.add_donor(donor("d2", capacity=capacity(cores=2)))
@@ -359,7 +405,7 @@ def test_record_seen_updates_known_donors_clears_lost_and_ignores_unknown(
     store.record_seen([])
 
 
-def test_record_seen_large_batch(store: SqlStore) -> None:
+def test_record_seen_large_batch(store: Store) -> None:
     ids = [f"d{i:05d}" for i in range(120)]
     for donor_id in ids:
         store.add_donor(donor(donor_id, lost=True))
@@ -375,7 +421,7 @@ def test_record_seen_large_batch(store: SqlStore) -> None:
 # --- workloads ------------------------------------------------------------------------
 
 
-def test_workloads_add_get_and_event(store: SqlStore) -> None:
+def test_workloads_add_get_and_event(store: Store) -> None:
     kernel = workload("w1")
     disk = replace(workload("w2"), spec=spec("disk-guest", disk=True), detail="hello")
     add_workloads(store, kernel, disk)
@@ -389,14 +435,15 @@ def test_workloads_add_get_and_event(store: SqlStore) -> None:
     assert store.workload_events("w1") == [submitted(kernel)]  # no second event
 
 
-def test_add_workload_refuses_an_event_of_another_workload(store: SqlStore) -> None:
+def test_add_workload_refuses_an_event_of_another_workload(store: Store) -> None:
     with pytest.raises(ValueError, match="workload_id"):
         store.add_workload(workload("w1"), submitted(workload("w2")))
     assert store.get_workload("w1") is None
 
 
-def test_workload_on_an_unknown_donor_is_refused(store: SqlStore) -> None:
-    """Foreign keys are enforced on both databases (SQLite needs a pragma for that)."""
+def test_workload_on_an_unknown_donor_is_refused(store: Store) -> None:
+    """A workload's donor must be enrolled: a foreign key on both databases (SQLite
+    needs a pragma for that), a check in the in-memory store."""
     held = workload("w1", state=WorkloadState.ASSIGNED, donor_id="ghost", epoch=1)
     with pytest.raises(StoreError):
         store.add_workload(held, submitted(held))
@@ -404,7 +451,29 @@ def test_workload_on_an_unknown_donor_is_refused(store: SqlStore) -> None:
     assert store.workload_events("w1") == []
 
 
-def test_list_workloads_order_and_filters(store: SqlStore) -> None:
+def test_update_workload_to_an_unknown_donor_is_refused(store: Store) -> None:
+    store.add_donor(donor("d1"))
+    original = workload("w1")
+    add_workloads(store, original)
+    placed = WorkloadEvent("w1", T0, "placed", donor_id="ghost", epoch=1)
+    with pytest.raises(StoreError):
+        store.update_workload(
+            "w1",
+            expected_epoch=0,
+            event=placed,
+            state=WorkloadState.ASSIGNED,
+            donor_id="ghost",
+            epoch=1,
+            now=T0 + timedelta(seconds=1),
+        )
+    # The epoch is compared first: a stale caller learns of the conflict.
+    with pytest.raises(Conflict):
+        store.update_workload("w1", expected_epoch=7, donor_id="ghost", now=T0)
+    assert store.get_workload("w1") == original
+    assert store.workload_events("w1") == [submitted(original)]
+
+
+def test_list_workloads_order_and_filters(store: Store) -> None:
     store.add_donor(donor("d1"))
     store.add_donor(donor("d2"))
     low_old = workload("w-low-old", priority=1, created=timedelta(seconds=1))
@@ -435,7 +504,7 @@ def test_list_workloads_order_and_filters(store: SqlStore) -> None:
     assert store.list_workloads(donor_id="ghost") == []
 
 
-def test_update_workload_sets_fields_and_appends_event(store: SqlStore) -> None:
+def test_update_workload_sets_fields_and_appends_event(store: Store) -> None:
     store.add_donor(donor("d1"))
     original = workload("w1")
     add_workloads(store, original)
@@ -480,7 +549,7 @@ def test_update_workload_sets_fields_and_appends_event(store: SqlStore) -> None:
     assert store.get_workload("w1") == requeued
 
 
-def test_update_workload_conflict_changes_nothing(store: SqlStore) -> None:
+def test_update_workload_conflict_changes_nothing(store: Store) -> None:
     store.add_donor(donor("d1"))
     original = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=4, lease_until=T0)
     add_workloads(store, original)
@@ -501,7 +570,7 @@ def test_update_workload_conflict_changes_nothing(store: SqlStore) -> None:
     assert store.workload_events("w1") == events_before
 
 
-def test_checkpoint_is_set_replaced_and_cleared(store: SqlStore) -> None:
+def test_checkpoint_is_set_replaced_and_cleared(store: Store) -> None:
     store.add_donor(donor("d1"))
     store.add_donor(donor("d2"))
     held = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=1, lease_until=T0)
@@ -545,7 +614,7 @@ def test_checkpoint_is_set_replaced_and_cleared(store: SqlStore) -> None:
     assert store.get_workload("w2") == workload("w2")  # the other workload untouched
 
 
-def test_conflict_leaves_the_old_checkpoint(store: SqlStore) -> None:
+def test_conflict_leaves_the_old_checkpoint(store: Store) -> None:
     store.add_donor(donor("d1"))
     add_workloads(store, workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=3))
     first = checkpoint_ref(epoch=3)
@@ -569,7 +638,7 @@ def test_conflict_leaves_the_old_checkpoint(store: SqlStore) -> None:
     assert store.workload_events("w1") == events_before
 
 
-def test_add_workload_keeps_its_checkpoint(store: SqlStore) -> None:
+def test_add_workload_keeps_its_checkpoint(store: Store) -> None:
     """A checkpoint names its donor without a foreign key: one never enrolled here (or
     removed since) does not block it."""
     record = replace(workload("w1"), checkpoint=checkpoint_ref(donor_id="gone-donor"))
@@ -578,7 +647,7 @@ def test_add_workload_keeps_its_checkpoint(store: SqlStore) -> None:
     assert store.list_workloads() == [record]
 
 
-def test_update_workload_refuses_bad_checkpoints(store: SqlStore) -> None:
+def test_update_workload_refuses_bad_checkpoints(store: Store) -> None:
     add_workloads(store, workload("w1"))
     naive = replace(checkpoint_ref(), taken_at=datetime(2025, 1, 1, 12, 0))
     bad = [
@@ -598,23 +667,28 @@ def test_update_workload_refuses_bad_checkpoints(store: SqlStore) -> None:
     assert store.get_workload("w2") is None
 
 
-def test_update_unknown_workload_is_key_error(store: SqlStore) -> None:
+def test_update_unknown_workload_is_key_error(store: Store) -> None:
     with pytest.raises(KeyError):
         store.update_workload("nope", expected_epoch=0, state=WorkloadState.FAILED, now=T0)
     assert store.workload_events("nope") == []
 
 
-def test_update_workload_refuses_inconsistent_arguments(store: SqlStore) -> None:
+def test_update_workload_refuses_inconsistent_arguments(store: Store) -> None:
     store.add_donor(donor("d1"))
     add_workloads(store, workload("w1"))
     with pytest.raises(ValueError):
         store.update_workload("w1", expected_epoch=0, donor_id="d1", clear_donor=True, now=T0)
     with pytest.raises(ValueError):
         store.update_workload("w1", expected_epoch=0, event=WorkloadEvent("w2", T0, "x"), now=T0)
+    with pytest.raises(ValueError):
+        store.update_workload("w1", expected_epoch=0, lease_until=T0, clear_donor=True, now=T0)
+    with pytest.raises(ValueError):
+        store.update_workload("w1", expected_epoch=0, state="lost", now=T0)  # type: ignore[arg-type]
     assert store.get_workload("w1") == workload("w1")
+    assert store.workload_events("w1") == [submitted(workload("w1"))]
 
 
-def test_concurrent_compare_and_set_has_one_winner(store: SqlStore) -> None:
+def test_concurrent_compare_and_set_has_one_winner(store: Store) -> None:
     store.add_donor(donor("d1"))
     add_workloads(store, workload("w1"))
 
@@ -635,7 +709,7 @@ def test_concurrent_compare_and_set_has_one_winner(store: SqlStore) -> None:
     assert [e.kind for e in store.workload_events("w1")] == ["submitted", "placed"]
 
 
-def test_renew_leases_only_for_matching_donor_and_epoch(store: SqlStore) -> None:
+def test_renew_leases_only_for_matching_donor_and_epoch(store: Store) -> None:
     store.add_donor(donor("d1"))
     store.add_donor(donor("d2"))
     add_workloads(
@@ -666,7 +740,7 @@ def test_renew_leases_only_for_matching_donor_and_epoch(store: SqlStore) -> None
     assert store.renew_leases([]) == 0
 
 
-def test_expired_leases(store: SqlStore) -> None:
+def test_expired_leases(store: Store) -> None:
     store.add_donor(donor("d1"))
     now = T0 + timedelta(minutes=1)
     held = [
@@ -697,7 +771,7 @@ def test_expired_leases(store: SqlStore) -> None:
     assert got == sorted(expired, key=lambda w: w.lease_until or now)  # oldest lease first
 
 
-def test_workload_events_oldest_first(store: SqlStore) -> None:
+def test_workload_events_oldest_first(store: Store) -> None:
     original = workload("w1")
     add_workloads(store, original, workload("w2"))
     late = WorkloadEvent("w1", T0 + timedelta(seconds=9), "late")
@@ -714,7 +788,7 @@ def test_workload_events_oldest_first(store: SqlStore) -> None:
 # --- images ---------------------------------------------------------------------------
 
 
-def test_images_are_idempotent(store: SqlStore) -> None:
+def test_images_are_idempotent(store: Store) -> None:
     image = ImageRecord(sha256=SHA_A, size=14 * 1024 * 1024 * 1024, added_at=T0)
     store.add_image(image)
     store.add_image(replace(image, size=1, added_at=T0 + timedelta(days=1)))
@@ -725,7 +799,7 @@ def test_images_are_idempotent(store: SqlStore) -> None:
 # --- idle history ---------------------------------------------------------------------
 
 
-def test_idle_samples_add_up(store: SqlStore) -> None:
+def test_idle_samples_add_up(store: Store) -> None:
     store.add_idle_samples(
         [
             IdleSample("d1", 10, seen_seconds=60.0, idle_seconds=30.0),
@@ -744,7 +818,7 @@ def test_idle_samples_add_up(store: SqlStore) -> None:
     store.add_idle_samples([])
 
 
-def test_idle_samples_refuse_bad_hours(store: SqlStore) -> None:
+def test_idle_samples_refuse_bad_hours(store: Store) -> None:
     store.add_idle_samples([IdleSample("d1", 167, 1.0, 1.0), IdleSample("d1", 0, 2.0, 1.0)])
     for bad in (IdleSample("d1", 168, 1.0, 1.0), IdleSample("d1", -1, 1.0, 1.0)):
         with pytest.raises(ValueError, match="hour_of_week"):
@@ -752,7 +826,7 @@ def test_idle_samples_refuse_bad_hours(store: SqlStore) -> None:
     assert store.idle_ratios(["d1"], 0) == {"d1": 0.5}  # the refused batch left nothing
 
 
-def test_idle_ratios_many_donors(store: SqlStore) -> None:
+def test_idle_ratios_many_donors(store: Store) -> None:
     """More ids than one IN (...) takes (the store splits them)."""
     ids = [f"d{i:05d}" for i in range(5_500)]
     store.add_idle_samples([IdleSample(d, 42, 100.0, float(i % 101)) for i, d in enumerate(ids)])
@@ -766,7 +840,7 @@ def test_idle_ratios_many_donors(store: SqlStore) -> None:
 # --- times ----------------------------------------------------------------------------
 
 
-def test_aware_datetimes_round_trip_exactly(store: SqlStore) -> None:
+def test_aware_datetimes_round_trip_exactly(store: Store) -> None:
     plus_five_thirty = timezone(timedelta(hours=5, minutes=30))
     moments = [
         datetime(2025, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
@@ -782,34 +856,114 @@ def test_aware_datetimes_round_trip_exactly(store: SqlStore) -> None:
         assert got.added_at.microsecond == moment.microsecond
 
 
-def test_naive_datetimes_are_refused(store: SqlStore) -> None:
+def test_every_time_comes_back_in_utc(store: Store) -> None:
+    """Times given in another zone come back as the same instants, in UTC, in every
+    record the store returns."""
+    zone = timezone(timedelta(hours=-7))
+
+    def at(seconds: float) -> datetime:
+        return (T0 + timedelta(seconds=seconds)).astimezone(zone)
+
+    cap = replace(capacity(), lend_until=at(7))
+    store.add_token(replace(token(), created_at=at(0), expires_at=at(3600)))
+    used = store.use_token("tok1", SHA_A, at(1))
+    store.add_donor(replace(donor("d1"), enrolled_at=at(0), capacity=cap, last_seen=at(2)))
+    store.add_donor(replace(donor("d2"), enrolled_at=at(1)))
+    store.record_seen([DonorSeen("d2", at(3), cap)])
+    first = replace(
+        workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=1),
+        created_at=at(0),
+        updated_at=at(1),
+        lease_until=at(30),
+        checkpoint=replace(checkpoint_ref(), taken_at=at(4)),
+    )
+    store.add_workload(first, WorkloadEvent("w1", at(0), "submitted"))
+    moved = WorkloadEvent("w1", at(5), "moved", donor_id="d2", epoch=2)
+    store.update_workload(
+        "w1", expected_epoch=1, event=moved, donor_id="d2", epoch=2, lease_until=at(40), now=at(5)
+    )
+    second = workload("w2", state=WorkloadState.PAUSED, donor_id="d1", epoch=1, lease_until=T0)
+    add_workloads(store, second)
+    assert store.renew_leases([LeaseRenewal("w2", "d1", 1, at(50))]) == 1
+    store.add_image(ImageRecord(sha256=SHA_A, size=1, added_at=at(6)))
+
+    records: list[object] = [used, store.get_image(SHA_A)]
+    records += store.list_donors()
+    records += store.list_workloads()
+    records += store.expired_leases(at(3600))
+    records += store.workload_events("w1")
+    times = list(times_in(records))
+    assert len(times) == 25
+    assert all(t.utcoffset() == timedelta(0) for t in times), times
+    assert store.get_workload("w1") == replace(
+        first, donor_id="d2", epoch=2, lease_until=at(40), updated_at=at(5)
+    )
+    assert store.get_workload("w2") == replace(second, lease_until=at(50))
+    assert store.workload_events("w1") == [WorkloadEvent("w1", at(0), "submitted"), moved]
+
+
+def times_in(values: list[object]) -> Iterator[datetime]:
+    """Every datetime in the records, nested ones (capacity, checkpoint) included."""
+    for value in values:
+        if isinstance(value, datetime):
+            yield value
+        elif is_dataclass(value) and not isinstance(value, type):
+            yield from times_in([getattr(value, f.name) for f in fields(value)])
+
+
+def test_naive_datetimes_are_refused(store: Store) -> None:
     naive = datetime(2025, 1, 1, 12, 0)
-    with pytest.raises(ValueError, match="naive"):
-        store.add_image(ImageRecord(sha256=SHA_A, size=1, added_at=naive))
-    with pytest.raises(ValueError, match="naive"):
-        store.record_seen([DonorSeen("d1", naive, capacity())])
+    store.add_donor(donor("d1"))
+    original = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=1, lease_until=T0)
+    add_workloads(store, original)
+    late = replace(workload("w2"), lease_until=naive)
+    refused: list[Callable[[], object]] = [
+        lambda: store.add_image(ImageRecord(sha256=SHA_A, size=1, added_at=naive)),
+        lambda: store.record_seen([DonorSeen("d1", naive, capacity())]),
+        lambda: store.record_seen([DonorSeen("d1", T0, replace(capacity(), lend_until=naive))]),
+        lambda: store.add_token(replace(token(), expires_at=naive)),
+        lambda: store.use_token("tok1", SHA_A, naive),
+        lambda: store.add_donor(donor("d2", last_seen=naive)),
+        lambda: store.add_donor(donor("d3", capacity=replace(capacity(), lend_until=naive))),
+        lambda: store.add_workload(late, submitted(workload("w2"))),
+        lambda: store.update_workload("w1", expected_epoch=1, now=naive),
+        lambda: store.update_workload("w1", expected_epoch=1, lease_until=naive, now=T0),
+        lambda: store.update_workload(
+            "w1", expected_epoch=1, event=WorkloadEvent("w1", naive, "x"), now=T0
+        ),
+        lambda: store.renew_leases([LeaseRenewal("w1", "d1", 1, naive)]),
+        lambda: store.expired_leases(naive),
+    ]
+    for call in refused:
+        with pytest.raises(ValueError, match="naive"):
+            call()
     assert store.get_image(SHA_A) is None
+    assert store.list_donors() == [donor("d1")]
+    assert store.list_workloads() == [original]
+    assert store.workload_events("w1") == [submitted(original)]
+    with pytest.raises(TokenRefused, match="unknown"):
+        store.use_token("tok1", SHA_A, T0)
 
 
 # --- migrations and reopening ---------------------------------------------------------
 
 
-def test_migrated_schema_matches_metadata(store: SqlStore) -> None:
+def test_migrated_schema_matches_metadata(sql_store: SqlStore) -> None:
     """The revisions build exactly the tables schema.py describes (add a revision after
     changing schema.py: see migrate.py)."""
-    with store.engine.connect() as conn:
+    with sql_store.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, metadata) == []
 
 
-def test_upgrading_an_upgraded_database_is_a_no_op(store: SqlStore, store_url: str) -> None:
-    store.add_token(token(uses=4))
+def test_upgrading_an_upgraded_database_is_a_no_op(sql_store: SqlStore, store_url: str) -> None:
+    sql_store.add_token(token(uses=4))
     assert current_revision(store_url) == head_revision()
     upgrade(store_url)
-    upgrade(store.engine)
+    upgrade(sql_store.engine)
     assert current_revision(store_url) == head_revision()
-    assert uses_left(store, "tok1") == 4
-    with store.engine.connect() as conn:
+    assert stored_uses_left(sql_store, "tok1") == 4
+    with sql_store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(tokens)).scalar_one() == 1
 
 
@@ -906,13 +1060,13 @@ def test_downgrade_from_r0002_drops_only_the_checkpoint(store_url: str) -> None:
         again.close()
 
 
-def test_reopening_keeps_the_data(store: SqlStore, store_url: str) -> None:
-    store.add_donor(donor("d1", capacity=capacity()))
+def test_reopening_keeps_the_data(sql_store: SqlStore, store_url: str) -> None:
+    sql_store.add_donor(donor("d1", capacity=capacity()))
     held = workload("w1", state=WorkloadState.RUNNING, donor_id="d1", epoch=2, lease_until=T0)
-    add_workloads(store, held)
-    store.add_token(token(uses=2))
-    store.add_idle_samples([IdleSample("d1", 5, 10.0, 4.0)])
-    store.close()
+    add_workloads(sql_store, held)
+    sql_store.add_token(token(uses=2))
+    sql_store.add_idle_samples([IdleSample("d1", 5, 10.0, 4.0)])
+    sql_store.close()
 
     again = open_store(store_url)
     try:
