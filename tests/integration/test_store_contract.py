@@ -37,15 +37,16 @@ from donor_app.coordinator.store import (
     default_sqlite_url,
     open_store,
 )
+from donor_app.coordinator.store.engine import make_engine
 from donor_app.coordinator.store.migrate import (
     alembic_config,
     current_revision,
     head_revision,
     upgrade,
 )
+from donor_app.coordinator.store.rows import vmspec_to_json
 from donor_app.coordinator.store.schema import donors as donors_table
 from donor_app.coordinator.store.schema import metadata, tokens, workloads
-from donor_app.coordinator.store.sql import make_engine, vmspec_to_json
 from donor_app.domain.records import (
     Capacity,
     CheckpointRef,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from donor_app.coordinator.store.engine import make_engine, sqlite_path
 from donor_app.coordinator.store.memory import InMemoryStore
 from donor_app.coordinator.store.migrate import upgrade
 from donor_app.coordinator.store.ports import (
@@ -15,7 +16,7 @@ from donor_app.coordinator.store.ports import (
     StoreError,
     TokenRefused,
 )
-from donor_app.coordinator.store.sql import SqlStore, make_engine, sqlite_path
+from donor_app.coordinator.store.sql import SqlStore
 
 __all__ = [
     "AlreadyExists",

@@ -46,8 +46,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
+from donor_app.coordinator.store.engine import make_engine, write_engine
 from donor_app.coordinator.store.ports import StoreError
-from donor_app.coordinator.store.sql import make_engine, write_engine
 
 log = logging.getLogger(__name__)
 

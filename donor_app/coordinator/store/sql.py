@@ -3,14 +3,14 @@
 One code path for both databases; where they differ (the upsert statement, SQLite's
 locking) the difference is chosen here by dialect name.
 
-Concurrency, SQLite: Python's sqlite3 module would start transactions lazily at the
-first write, so a transaction that reads and then writes can find that another
-connection wrote in between and fail at once with "database is locked" (busy_timeout
-does not apply to that case). We therefore let SQLAlchemy emit BEGIN itself
-(`isolation_level = None` on the driver) and write transactions start with
-`BEGIN IMMEDIATE`: they take the write lock first, queue behind each other for up to
-`busy_timeout`, and never fail half-way. Read-only methods use a plain deferred BEGIN,
-which under WAL never waits for writers.
+Engines and their SQLite locking are in engine.py; rows <-> records in rows.py. At ~600
+lines this is longer than most modules on purpose: it is one class implementing one port,
+each method one transaction over the same few helpers, and the port's docstrings
+(ports.py) are its table of contents; split by table, the compare-and-set and its event
+would live apart.
+
+Concurrency, SQLite: write transactions start with BEGIN IMMEDIATE (engine.py), so they
+queue for the write lock instead of failing half-way; readers never wait under WAL.
 
 Concurrency, PostgreSQL: READ COMMITTED. Read-then-write sequences lock the row first
 (`SELECT ... FOR UPDATE`) or put the condition into the UPDATE's WHERE clause, which
@@ -21,27 +21,19 @@ order so that two batches touching the same rows cannot deadlock.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import operator
-import re
-import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
     Select,
     Table,
     bindparam,
-    create_engine,
-    event,
     false,
     literal_column,
     select,
@@ -49,10 +41,23 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
+from donor_app.coordinator.store.engine import write_engine
 from donor_app.coordinator.store.ports import AlreadyExists, Conflict, StoreError, TokenRefused
+from donor_app.coordinator.store.rows import (
+    HELD_VALUES,
+    capacity_values,
+    checkpoint_values,
+    chunks,
+    donor_from_row,
+    event_from_row,
+    event_values,
+    require_aware,
+    token_from_row,
+    workload_from_row,
+    workload_values,
+)
 from donor_app.coordinator.store.schema import (
     donors,
     idle_history,
@@ -62,8 +67,6 @@ from donor_app.coordinator.store.schema import (
     workloads,
 )
 from donor_app.domain.records import (
-    HELD_STATES,
-    Capacity,
     CheckpointRef,
     DonorRecord,
     DonorSeen,
@@ -75,376 +78,15 @@ from donor_app.domain.records import (
     WorkloadRecord,
     WorkloadState,
 )
-from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
 
 if TYPE_CHECKING:
     from donor_app.coordinator.store.ports import Store
 
 log = logging.getLogger(__name__)
 
-# How long a SQLite writer waits for the write lock before failing (StoreError).
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-# Execution option read by the SQLite "begin" listener: start with BEGIN IMMEDIATE.
-_SQLITE_IMMEDIATE = "donor_sqlite_immediate"
 # Ids per `IN (...)`: well below SQLite's 32766 and PostgreSQL's 65535 bound parameters.
 _IN_CHUNK = 5_000
 HOURS_PER_WEEK = 168
-
-
-# --- VmSpec <-> JSON ------------------------------------------------------------------
-
-
-def vmspec_to_dict(spec: VmSpec) -> dict[str, Any]:
-    """A VmSpec as plain JSON-able data; `boot.kind` tells KernelBoot from DiskBoot."""
-    boot: dict[str, Any]
-    if isinstance(spec.boot, KernelBoot):
-        boot = {
-            "kind": "kernel",
-            "kernel_sha256": spec.boot.kernel_sha256,
-            "initrd_sha256": spec.boot.initrd_sha256,
-            "cmdline": spec.boot.cmdline,
-        }
-    else:
-        boot = {"kind": "disk", "disk_sha256": spec.boot.disk_sha256}
-    return {
-        "name": spec.name,
-        "vcpus": spec.vcpus,
-        "memory_mib": spec.memory_mib,
-        "network": spec.network,
-        "arch": spec.arch,
-        "boot": boot,
-    }
-
-
-def vmspec_from_dict(data: dict[str, Any]) -> VmSpec:
-    """The inverse of `vmspec_to_dict`; VmSpec's own checks run. ValueError when the
-    data is not a valid spec (a missing key, an unknown boot kind, a bad value)."""
-    try:
-        raw_boot = data["boot"]
-        kind = raw_boot["kind"]
-        boot: KernelBoot | DiskBoot
-        if kind == "kernel":
-            boot = KernelBoot(
-                kernel_sha256=raw_boot["kernel_sha256"],
-                initrd_sha256=raw_boot.get("initrd_sha256"),
-                cmdline=raw_boot.get("cmdline", "console=ttyS0"),
-            )
-        elif kind == "disk":
-            boot = DiskBoot(disk_sha256=raw_boot["disk_sha256"])
-        else:
-            raise ValueError(f"boot.kind: {kind!r} is not 'kernel' or 'disk'")
-        return VmSpec(
-            name=data["name"],
-            vcpus=data["vcpus"],
-            memory_mib=data["memory_mib"],
-            boot=boot,
-            network=data.get("network", False),
-            arch=data.get("arch", "x86_64"),
-        )
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"not a VmSpec: {exc!r}") from exc
-
-
-def vmspec_to_json(spec: VmSpec) -> str:
-    # sort_keys + compact separators: one spec always gives the same text.
-    return json.dumps(vmspec_to_dict(spec), sort_keys=True, separators=(",", ":"))
-
-
-def vmspec_from_json(text: str) -> VmSpec:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not a VmSpec: invalid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError("not a VmSpec: JSON is not an object")
-    return vmspec_from_dict(data)
-
-
-# --- engines ----------------------------------------------------------------------------
-
-
-def _sqlite_wal(cursor: Any) -> None:
-    """Put the database file in WAL mode (a lasting property of the file).
-
-    Switching needs a moment alone with the file, and SQLite answers "database is
-    locked" at once, without its busy handler, while another connection is opening or
-    switching the same new file (several coordinators or threads starting together):
-    retry until the busy timeout.
-    """
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    delay = 0.005
-    while True:
-        try:
-            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() == "wal":
-                return
-            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() == "wal":
-                return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            mode = f"busy ({exc})"
-        if time.monotonic() > deadline:
-            # Still a working database, only with readers and the writer serialised.
-            log.warning("SQLite database stays in journal mode %s, not WAL", mode)
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Hand BEGIN/COMMIT to SQLAlchemy (see the module docstring).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        _sqlite_wal(cursor)  # readers never block the writer
-        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe in WAL
-        cursor.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get(_SQLITE_IMMEDIATE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def normalise_url(url: str | URL) -> URL:
-    """The URL with a driver the project ships: plain `postgresql://` becomes
-    `postgresql+psycopg://` (SQLAlchemy would otherwise pick psycopg2)."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
-def make_engine(url: str | URL) -> Engine:
-    """An Engine configured for the store: SQLite pragmas and BEGIN handling, or a
-    PostgreSQL pool that survives server restarts. ValueError for other databases."""
-    parsed = normalise_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
-            # Each pooled connection would get its own empty database.
-            raise ValueError("in-memory SQLite is not supported: use sqlite:///PATH")
-        if parsed.get_driver_name() != "pysqlite":
-            raise ValueError(f"unsupported SQLite driver {parsed.drivername!r}: use sqlite:///")
-        # A pool per process: the coordinator calls from a few worker threads; writers
-        # queue on SQLite's lock anyway, readers run in parallel under WAL.
-        engine = create_engine(parsed, pool_size=8, max_overflow=8, pool_timeout=30)
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-    if backend == "postgresql":
-        if parsed.get_driver_name() != "psycopg":
-            raise ValueError(
-                f"unsupported PostgreSQL driver {parsed.drivername!r}: use postgresql+psycopg://"
-            )
-        return create_engine(
-            parsed,
-            pool_size=10,
-            max_overflow=10,
-            pool_timeout=30,
-            pool_pre_ping=True,  # a restarted server or a failover leaves dead connections
-            pool_recycle=1800,
-        )
-    raise ValueError(
-        f"unsupported database {parsed.drivername!r}: use sqlite:///PATH or "
-        "postgresql+psycopg://USER@HOST/DB"
-    )
-
-
-def write_engine(engine: Engine) -> Engine:
-    """`engine` (sharing its pool) whose transactions take SQLite's write lock first."""
-    return engine.execution_options(**{_SQLITE_IMMEDIATE: True})
-
-
-def sqlite_path(url: str | URL) -> Path | None:
-    """The database file of a SQLite URL, None for other databases."""
-    parsed = normalise_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
-        return None
-    return Path(parsed.database)
-
-
-# --- rows <-> records -----------------------------------------------------------------
-
-
-def _require_aware(name: str, value: datetime) -> None:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name}: naive datetime {value!r}: the store keeps aware UTC times")
-
-
-def _token(row: Row[Any], uses_left: int | None = None) -> TokenRecord:
-    return TokenRecord(
-        token_id=row.token_id,
-        secret_sha256=row.secret_sha256,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        uses_left=row.uses_left if uses_left is None else uses_left,
-        note=row.note,
-    )
-
-
-def _capacity_values(capacity: Capacity | None) -> dict[str, Any]:
-    if capacity is None:
-        return {
-            "cap_cores": None,
-            "cap_memory_mib": None,
-            "cap_arch": None,
-            "cap_lend_cpu_percent": None,
-            "cap_lend_memory_mib": None,
-            "cap_lend_until": None,
-            "cap_idle": None,
-        }
-    return {
-        "cap_cores": capacity.cores,
-        "cap_memory_mib": capacity.memory_mib,
-        "cap_arch": capacity.arch,
-        "cap_lend_cpu_percent": capacity.lend_cpu_percent,
-        "cap_lend_memory_mib": capacity.lend_memory_mib,
-        "cap_lend_until": capacity.lend_until,
-        "cap_idle": capacity.idle,
-    }
-
-
-def _donor(row: Row[Any]) -> DonorRecord:
-    capacity = None
-    if row.cap_cores is not None:
-        capacity = Capacity(
-            cores=row.cap_cores,
-            memory_mib=row.cap_memory_mib,
-            arch=row.cap_arch,
-            lend_cpu_percent=row.cap_lend_cpu_percent,
-            lend_memory_mib=row.cap_lend_memory_mib,
-            lend_until=row.cap_lend_until,
-            idle=bool(row.cap_idle),
-        )
-    return DonorRecord(
-        donor_id=row.donor_id,
-        hostname=row.hostname,
-        cert_sha256=row.cert_sha256,
-        enrolled_at=row.enrolled_at,
-        capacity=capacity,
-        last_seen=row.last_seen,
-        drained=bool(row.drained),
-        revoked=bool(row.revoked),
-        lost=bool(row.lost),
-    )
-
-
-def _checkpoint_values(checkpoint: CheckpointRef | None) -> dict[str, Any]:
-    """The checkpoint_* columns of a workload row (all None: no checkpoint).
-    ValueError for a checkpoint the store would not give back as it was given."""
-    if checkpoint is None:
-        return {
-            "checkpoint_sha256": None,
-            "checkpoint_size": None,
-            "checkpoint_epoch": None,
-            "checkpoint_at": None,
-            "checkpoint_donor_id": None,
-        }
-    # The columns hold 64 characters: PostgreSQL would refuse more, SQLite would not.
-    if not _SHA256.fullmatch(checkpoint.sha256):
-        raise ValueError(f"checkpoint.sha256: {checkpoint.sha256!r} is not 64 lowercase hex")
-    if not 0 < len(checkpoint.donor_id) <= 64:
-        raise ValueError(f"checkpoint.donor_id: {checkpoint.donor_id!r} is not 1–64 characters")
-    if checkpoint.size < 0 or checkpoint.epoch < 0:
-        raise ValueError(f"checkpoint {checkpoint.sha256}: negative size or epoch")
-    _require_aware("checkpoint.taken_at", checkpoint.taken_at)
-    return {
-        "checkpoint_sha256": checkpoint.sha256,
-        "checkpoint_size": checkpoint.size,
-        "checkpoint_epoch": checkpoint.epoch,
-        "checkpoint_at": checkpoint.taken_at,
-        "checkpoint_donor_id": checkpoint.donor_id,
-    }
-
-
-def _checkpoint(row: Row[Any]) -> CheckpointRef | None:
-    if row.checkpoint_sha256 is None:
-        return None
-    parts = (row.checkpoint_size, row.checkpoint_epoch, row.checkpoint_at, row.checkpoint_donor_id)
-    if any(part is None for part in parts):
-        # The store writes the five columns together; a partial one was edited by hand.
-        raise StoreError(f"workload {row.workload_id}: stored checkpoint is incomplete")
-    return CheckpointRef(
-        sha256=row.checkpoint_sha256,
-        size=row.checkpoint_size,
-        epoch=row.checkpoint_epoch,
-        taken_at=row.checkpoint_at,
-        donor_id=row.checkpoint_donor_id,
-    )
-
-
-def _workload(row: Row[Any]) -> WorkloadRecord:
-    try:
-        spec = vmspec_from_json(row.spec)
-    except ValueError as exc:
-        raise StoreError(f"workload {row.workload_id}: stored spec is unreadable: {exc}") from exc
-    return WorkloadRecord(
-        workload_id=row.workload_id,
-        spec=spec,
-        priority=row.priority,
-        state=WorkloadState(row.state),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        donor_id=row.donor_id,
-        epoch=row.epoch,
-        lease_until=row.lease_until,
-        detail=row.detail,
-        checkpoint=_checkpoint(row),
-    )
-
-
-def _workload_values(workload: WorkloadRecord) -> dict[str, Any]:
-    return {
-        "workload_id": workload.workload_id,
-        "spec": vmspec_to_json(workload.spec),
-        "priority": workload.priority,
-        "state": workload.state.value,
-        "created_at": workload.created_at,
-        "updated_at": workload.updated_at,
-        "donor_id": workload.donor_id,
-        "epoch": workload.epoch,
-        "lease_until": workload.lease_until,
-        "detail": workload.detail,
-        **_checkpoint_values(workload.checkpoint),
-    }
-
-
-def _event_values(ev: WorkloadEvent) -> dict[str, Any]:
-    return {
-        "workload_id": ev.workload_id,
-        "at": ev.at,
-        "kind": ev.kind,
-        "donor_id": ev.donor_id,
-        "epoch": ev.epoch,
-        "detail": ev.detail,
-    }
-
-
-def _event(row: Row[Any]) -> WorkloadEvent:
-    return WorkloadEvent(
-        workload_id=row.workload_id,
-        at=row.at,
-        kind=row.kind,
-        donor_id=row.donor_id,
-        epoch=row.epoch,
-        detail=row.detail,
-    )
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-_HELD_VALUES = sorted(state.value for state in HELD_STATES)
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- the store --------------------------------------------------------------------------
@@ -511,7 +153,7 @@ class SqlStore:
         if value is None:
             return None
         if value.tzinfo is not UTC:  # the common case skips the checks (10,000s a second)
-            _require_aware(name, value)
+            require_aware(name, value)
             value = value.astimezone(UTC)
         if self._sqlite:
             # SQLAlchemy's SQLite DATETIME storage format (fixed width, microseconds),
@@ -549,8 +191,8 @@ class SqlStore:
     # --- enrollment tokens ------------------------------------------------------------
 
     def add_token(self, token: TokenRecord) -> None:
-        _require_aware("created_at", token.created_at)
-        _require_aware("expires_at", token.expires_at)
+        require_aware("created_at", token.created_at)
+        require_aware("expires_at", token.expires_at)
         values = {
             "token_id": token.token_id,
             "secret_sha256": token.secret_sha256,
@@ -567,7 +209,7 @@ class SqlStore:
         """Returns the token as it is after this use (uses_left already decremented).
         A wrong secret is refused as "unknown": a caller learns nothing about which
         token ids exist."""
-        _require_aware("now", now)
+        require_aware("now", now)
         with self._tx(write=True) as conn:
             # FOR UPDATE: concurrent enrollments queue on the row (PostgreSQL); SQLite
             # renders no FOR UPDATE and the BEGIN IMMEDIATE lock does the same job.
@@ -590,12 +232,12 @@ class SqlStore:
             ).rowcount
             if done != 1:
                 raise TokenRefused("used")
-            return _token(row, uses_left=row.uses_left - 1)
+            return token_from_row(row, uses_left=row.uses_left - 1)
 
     # --- donors -----------------------------------------------------------------------
 
     def add_donor(self, donor: DonorRecord) -> None:
-        _require_aware("enrolled_at", donor.enrolled_at)
+        require_aware("enrolled_at", donor.enrolled_at)
         values = {
             "donor_id": donor.donor_id,
             "hostname": donor.hostname,
@@ -605,7 +247,7 @@ class SqlStore:
             "drained": donor.drained,
             "revoked": donor.revoked,
             "lost": donor.lost,
-            **_capacity_values(donor.capacity),
+            **capacity_values(donor.capacity),
         }
         with self._tx(write=True) as conn:
             if not self._insert_new(conn, donors, "donor_id", values):
@@ -614,7 +256,7 @@ class SqlStore:
     def get_donor(self, donor_id: str) -> DonorRecord | None:
         with self._tx(write=False) as conn:
             row = conn.execute(select(donors).where(donors.c.donor_id == donor_id)).one_or_none()
-        return None if row is None else _donor(row)
+        return None if row is None else donor_from_row(row)
 
     def list_donors(self) -> list[DonorRecord]:
         """Ordered by enrollment time, then id."""
@@ -622,7 +264,7 @@ class SqlStore:
             rows = conn.execute(
                 select(donors).order_by(donors.c.enrolled_at, donors.c.donor_id)
             ).all()
-        return [_donor(row) for row in rows]
+        return [donor_from_row(row) for row in rows]
 
     def set_donor_flags(
         self,
@@ -651,7 +293,7 @@ class SqlStore:
             row = conn.execute(stmt).one_or_none()
             if row is None:
                 raise KeyError(donor_id)
-            return _donor(row)
+            return donor_from_row(row)
 
     def record_seen(self, seen: Sequence[DonorSeen]) -> None:
         """One executemany UPDATE; a donor listed twice ends with its last report."""
@@ -701,20 +343,20 @@ class SqlStore:
                 f"event.workload_id {event.workload_id!r} is not {workload.workload_id!r}"
             )
         for name in ("created_at", "updated_at"):
-            _require_aware(name, getattr(workload, name))
-        _require_aware("event.at", event.at)
-        values = _workload_values(workload)  # checks the checkpoint before any write
+            require_aware(name, getattr(workload, name))
+        require_aware("event.at", event.at)
+        values = workload_values(workload)  # checks the checkpoint before any write
         with self._tx(write=True) as conn:
             if not self._insert_new(conn, workloads, "workload_id", values):
                 raise AlreadyExists(f"workload {workload.workload_id} exists")
-            conn.execute(workload_events.insert().values(**_event_values(event)))
+            conn.execute(workload_events.insert().values(**event_values(event)))
 
     def get_workload(self, workload_id: str) -> WorkloadRecord | None:
         with self._tx(write=False) as conn:
             row = conn.execute(
                 select(workloads).where(workloads.c.workload_id == workload_id)
             ).one_or_none()
-        return None if row is None else _workload(row)
+        return None if row is None else workload_from_row(row)
 
     def list_workloads(
         self, states: Iterable[WorkloadState] | None = None, donor_id: str | None = None
@@ -731,7 +373,7 @@ class SqlStore:
         )
         with self._tx(write=False) as conn:
             rows = conn.execute(query).all()
-        return [_workload(row) for row in rows]
+        return [workload_from_row(row) for row in rows]
 
     def update_workload(
         self,
@@ -759,11 +401,11 @@ class SqlStore:
             raise ValueError("lease_until and clear_donor are exclusive")
         if event is not None and event.workload_id != workload_id:
             raise ValueError(f"event.workload_id {event.workload_id!r} is not {workload_id!r}")
-        _require_aware("now", now)
+        require_aware("now", now)
         if lease_until is not None:
-            _require_aware("lease_until", lease_until)
+            require_aware("lease_until", lease_until)
         if event is not None:
-            _require_aware("event.at", event.at)
+            require_aware("event.at", event.at)
         values: dict[str, Any] = {"updated_at": now}
         if state is not None:
             values["state"] = WorkloadState(state).value
@@ -779,7 +421,7 @@ class SqlStore:
         if detail is not None:
             values["detail"] = detail
         if checkpoint is not None or clear_checkpoint:
-            values.update(_checkpoint_values(checkpoint))
+            values.update(checkpoint_values(checkpoint))
         with self._tx(write=True) as conn:
             # The epoch test sits in the UPDATE itself: PostgreSQL re-checks it after
             # waiting for a concurrent writer, so two CAS on one epoch cannot both win.
@@ -802,8 +444,8 @@ class SqlStore:
                     f"workload {workload_id}: epoch is {stored}, expected {expected_epoch}"
                 )
             if event is not None:
-                conn.execute(workload_events.insert().values(**_event_values(event)))
-            return _workload(row)
+                conn.execute(workload_events.insert().values(**event_values(event)))
+            return workload_from_row(row)
 
     def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
         """Only workloads in a held state have a lease to extend; a renewal for a
@@ -827,7 +469,7 @@ class SqlStore:
                 workloads.c.donor_id == bindparam("b_donor_id"),
                 workloads.c.epoch == bindparam("b_epoch"),
                 # Literal values: executemany cannot take an expanding IN parameter.
-                workloads.c.state.in_([literal_column(f"'{v}'") for v in _HELD_VALUES]),
+                workloads.c.state.in_([literal_column(f"'{v}'") for v in HELD_VALUES]),
             )
             .values(lease_until=bindparam("b_lease_until"))
         )
@@ -837,11 +479,11 @@ class SqlStore:
 
     def expired_leases(self, now: datetime) -> list[WorkloadRecord]:
         """Oldest lease first."""
-        _require_aware("now", now)
+        require_aware("now", now)
         query = (
             select(workloads)
             .where(
-                workloads.c.state.in_(_HELD_VALUES),
+                workloads.c.state.in_(HELD_VALUES),
                 workloads.c.lease_until.is_not(None),
                 workloads.c.lease_until < now,
             )
@@ -849,7 +491,7 @@ class SqlStore:
         )
         with self._tx(write=False) as conn:
             rows = conn.execute(query).all()
-        return [_workload(row) for row in rows]
+        return [workload_from_row(row) for row in rows]
 
     def workload_events(self, workload_id: str) -> list[WorkloadEvent]:
         """Oldest first by `at`; events with the same time in the order they were
@@ -861,12 +503,12 @@ class SqlStore:
         )
         with self._tx(write=False) as conn:
             rows = conn.execute(query).all()
-        return [_event(row) for row in rows]
+        return [event_from_row(row) for row in rows]
 
     # --- images -----------------------------------------------------------------------
 
     def add_image(self, image: ImageRecord) -> None:
-        _require_aware("added_at", image.added_at)
+        require_aware("added_at", image.added_at)
         values = {"sha256": image.sha256, "size": image.size, "added_at": image.added_at}
         with self._tx(write=True) as conn:
             self._insert_new(conn, images, "sha256", values)
@@ -923,7 +565,7 @@ class SqlStore:
         if not ids:
             return ratios
         with self._tx(write=False) as conn:
-            for chunk in _chunks(ids, _IN_CHUNK):
+            for chunk in chunks(ids, _IN_CHUNK):
                 rows = conn.execute(
                     select(
                         idle_history.c.donor_id,

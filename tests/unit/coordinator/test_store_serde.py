@@ -1,4 +1,4 @@
-"""VmSpec <-> JSON as the fleet store keeps it (donor_app.coordinator.store.sql)."""
+"""VmSpec <-> JSON as the fleet store keeps it (donor_app.coordinator.store.rows)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from donor_app.coordinator.store.sql import (
+from donor_app.coordinator.store.rows import (
     vmspec_from_dict,
     vmspec_from_json,
     vmspec_to_dict,

@@ -13,8 +13,8 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection
 
+from donor_app.coordinator.store.engine import make_engine
 from donor_app.coordinator.store.schema import UtcDateTime, metadata
-from donor_app.coordinator.store.sql import make_engine
 
 
 def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
