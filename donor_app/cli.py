@@ -16,7 +16,7 @@ from pathlib import Path
 
 from donor_app.agent.local_api import AgentAlreadyRunning
 from donor_app.agent.main import AgentOptions, default_libvirt_uri, run_agent
-from donor_app.agent.status import AgentStatus, status_line
+from donor_app.domain.status import AgentStatus, status_line
 from donor_app.hypervisor.errors import HypervisorError
 from donor_app.settings.config import ConfigError, LinkConfig, parse_link_config
 from donor_app.settings.paths import Paths, default_paths, system_paths

@@ -2,8 +2,9 @@
 
 Run by the installers (the .deb's preinst/postinst, install.sh) with the system's
 python3, BEFORE the application is unpacked: it is packed with the few pure modules it
-needs (donor_app.domain, donor_app.settings.config: standard library only) into
-``fleet-check.pyz`` by ``installer/build-payload``. The checks are the agent's own
+needs (donor_app.domain, the fleet file's reader in donor_app.settings and
+donor_app.atomic_file: standard library only) into ``fleet-check.pyz`` by
+``installer/build-fleet-check``. The checks are the agent's own
 parsers (`parse_fleet`, `parse_link_config`), so whatever passes here the agent accepts.
 
     python3 fleet-check.pyz check   SOURCE            # validate only; writes nothing
@@ -23,15 +24,15 @@ file, the key and the reason), 5 the site directory cannot be written.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from donor_app.settings.config import ConfigError, parse_fleet, parse_link_config
+from donor_app.atomic_file import write_atomic
+from donor_app.settings.fleet_file import parse_fleet, parse_link_config
+from donor_app.settings.toml_reader import ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -117,10 +118,10 @@ def install(source: Path, site_dir: Path) -> list[str]:
     try:
         site_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         if ca_pem:
-            _write(site_dir / CA_FILE, ca_pem, 0o644)
+            write_atomic(site_dir / CA_FILE, ca_pem, 0o644)
         if token:
-            _write(site_dir / TOKEN_FILE, token.encode() + b"\n", 0o600)
-        _write(site_dir / FLEET_FILE, dumps(fleet).encode(), 0o644)
+            write_atomic(site_dir / TOKEN_FILE, token.encode() + b"\n", 0o600)
+        write_atomic(site_dir / FLEET_FILE, dumps(fleet).encode(), 0o644)
     except OSError as error:
         raise CheckFailed(EXIT_WRITE, f"{site_dir}: cannot write: {error}") from None
     notes.append(f"fleet config installed in {site_dir / FLEET_FILE}")
@@ -142,19 +143,6 @@ def reachable(address: str, timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _write(path: Path, content: bytes, mode: int) -> None:
-    """Replace `path` atomically; the mode is set before the content appears."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- a TOML writer for what a fleet file holds ----------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +17,9 @@ from pathlib import Path
 
 import grpc
 
-from donor_app.agent.credentials import DonorCredentials, new_key_and_csr
-from donor_app.coordinator.admin_client import AdminClient, AdminCredential
+from donor_app.agent.credentials import new_key_and_csr
+from donor_app.coordinator.admin_rpc import AdminCredential
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.coordinator.server import CoordinatorServer, Endpoints, ServeOptions
 from donor_app.domain import link
@@ -27,6 +27,7 @@ from donor_app.proto import coordinator_serde as serde
 from donor_app.proto.serde import moment
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from donor_app.settings.credentials import DonorCredentials
 
 
 @dataclass
@@ -194,9 +195,3 @@ class RawDonor:
         self._out.put(None)
         self._call.cancel()
         self._channel.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

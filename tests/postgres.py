@@ -20,7 +20,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -32,6 +31,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from tests.net import free_port
 from tests.waiting import wait_for
 
 PG_ROOT = Path("/usr/lib/postgresql")
@@ -57,14 +57,6 @@ def postgres_bindir() -> Path:
         " (install the Debian package `postgresql`, as scripts/bootstrap does,"
         " or set DONOR_PG_BINDIR)"
     )
-
-
-def _free_port() -> int:
-    # The OS picks a free port; the server binds it a moment later. Another process
-    # could take it in between: start() retries with a new port if so.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Runner:
@@ -157,7 +149,9 @@ def running_postgres(base: Path, *, start_attempts: int = 3) -> Iterator[str]:
         pwfile.unlink()
         port = 0
         for attempt in range(start_attempts):
-            port = _free_port()
+            # Another process could take the port before the server binds it: a
+            # failed start is retried with a new one.
+            port = free_port()
             options = " ".join(
                 [
                     "-c listen_addresses=127.0.0.1",

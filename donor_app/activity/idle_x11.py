@@ -1,6 +1,6 @@
 """X11 idle time from the MIT-SCREEN-SAVER extension (XScreenSaverQueryInfo), via ctypes.
 
-The display is opened once and queried cheaply (~20–50 µs, HOST-FACTS.md "Desktop").
+The display is opened once and queried cheaply (~20–50 µs measured per query).
 The server's idle timer counts input from every client, including XTEST (xdotool), but
 under Wayland XWayland only sees X clients' input: the factory does not use this module
 in a Wayland session.

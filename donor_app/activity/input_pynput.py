@@ -4,7 +4,7 @@ pynput is imported lazily by `load_pynput()`: on Linux its import opens the X di
 and raises (ImportError without DISPLAY, an Xlib error for an unreachable one), so the
 factory calls it inside a try and falls back to the Null listener.
 
-Privacy (DESIGN.md, "Security"): the handlers take pynput's arguments (key, position,
+Privacy (docs/design.md, "Security"): the handlers take pynput's arguments (key, position,
 button, scroll vector) and drop them unread; the listener keeps the monotonic time of
 the last event and a count, nothing else.
 """

@@ -2,7 +2,8 @@
 
 Each Protocol's docstring says which thread calls it and whether it may block, because
 the input path is the critical path for giving the machine back to its owner
-(DESIGN.md, "The critical path"): anything called on a listener's thread must be cheap.
+(docs/design.md, "The critical path"): anything called on a listener's thread must be
+cheap.
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Protocol
 
 from donor_app.domain.decision import Decision, Level
+from donor_app.domain.guest import GuestInfo, GuestState, GuestUsage
 from donor_app.hypervisor.errors import HypervisorError
-from donor_app.hypervisor.host import GuestInfo, GuestState, GuestUsage
 
 log = logging.getLogger(__name__)
 
 # The balloon is never asked below this: the tiny guest needs it to stay alive, and a
-# guest squeezed further only swaps or crashes (HOST-FACTS.md: ≤ 64 MiB does not boot).
+# guest squeezed further only swaps or crashes (one with 64 MiB or less does not boot).
 MIN_BALLOON_MIB = 128
 
 
@@ -134,7 +134,7 @@ class Actuator:
 
     def _run(self, name: str, cpu_cap: float, memory_mib: int) -> None:
         state = self._guests.state(name)
-        if state is GuestState.SHUTOFF:
+        if state is GuestState.STOPPED:
             if not self._guests.has_managed_save(name):
                 return  # stopped by someone else: not ours to start
             log.info("restoring %s from its checkpoint", name)
@@ -149,7 +149,7 @@ class Actuator:
     def _checkpoint_all(self, names: list[str]) -> None:
         for name in names:
             try:
-                if self._guests.state(name) is not GuestState.SHUTOFF:
+                if self._guests.state(name) is not GuestState.STOPPED:
                     log.info("checkpointing %s to disk to free its memory", name)
                     self._guests.managed_save(name)
                     self._memory_target.pop(name, None)

@@ -5,8 +5,9 @@ policy's state (`Since`) and the settings store need no locks. Other threads tal
 in two ways only:
 
 - `notify_input()` / `report_activity()`: record an input and wake the engine at once —
-  the critical path for giving the machine back (DESIGN.md). An input wake re-decides
-  with the readings it already has (no host scan, no file reads) and pauses first.
+  the critical path for giving the machine back (docs/architecture.md walks through it).
+  An input wake re-decides with the readings it already has (no host scan, no file
+  reads) and pauses first.
 - `call()`: run a function on the engine thread and wait for its result (settings
   updates, snooze), so a client's change is applied between two decisions.
 
@@ -30,14 +31,14 @@ from typing import Protocol, TypeVar
 
 from donor_app.activity.ports import HostSensor, IdleCounter, InputListener
 from donor_app.agent.actuator import Actuator, Guests
-from donor_app.agent.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Decision, Level
 from donor_app.domain.fleet import FleetPolicy
+from donor_app.domain.guest import GuestState
 from donor_app.domain.policy import SNOOZE_UNTIL_RESUMED, Since, decide, track
 from donor_app.domain.readings import ActivityReading, HostReading
 from donor_app.domain.settings import Settings
+from donor_app.domain.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.hypervisor.errors import HypervisorError
-from donor_app.hypervisor.host import GuestState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -361,7 +362,7 @@ class Engine:
                 gib_hours = usage.memory_mib / 1024 * interval / 3600 if running else 0.0
                 self._history.record(now, name, delta, gib_hours)
             snapshots.append(
-                GuestSnapshot(name, state.value, round(cpu_percent, 1), usage.memory_mib, cap)
+                GuestSnapshot(name, state, round(cpu_percent, 1), usage.memory_mib, cap)
             )
         for gone in set(self._usage) - set(self._names):
             del self._usage[gone]

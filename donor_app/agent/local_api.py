@@ -4,7 +4,7 @@ Who may call: the socket is created with mode 0600 (umask held while it is bound
 there is no moment when it is open to others) and, for a system agent, handed to the
 desk's owner with `owner_uid`; its directory is 0700 for a user agent. Anyone else is
 refused by the kernel at connect(). Every request is validated and answered with
-INVALID_ARGUMENT naming the field; messages are limited to `MAX_MESSAGE_BYTES`.
+INVALID_ARGUMENT naming the field; messages are limited to `local_limits.MAX_MESSAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Protocol
 import grpc
 
 from donor_app.agent.engine import Engine
-from donor_app.agent.history import HourBucket, Totals
+from donor_app.agent.local_limits import CHANNEL_OPTIONS
 from donor_app.domain.fleet import locked_fields
+from donor_app.domain.history import HourBucket, Totals
 from donor_app.proto import serde
 from donor_app.proto.v1 import agent_pb2 as pb
 from donor_app.proto.v1 import agent_pb2_grpc as pb_grpc
@@ -32,7 +33,6 @@ from donor_app.settings.config import ConfigError, dump_settings, parse_settings
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024
 MAX_SETTINGS_BYTES = 64 * 1024
 MAX_SNOOZE = timedelta(days=366)
 MAX_HISTORY_SPAN = timedelta(days=400)
@@ -202,10 +202,7 @@ class LocalApiServer:
             path.unlink()  # left over by an agent that died
         server = grpc.server(
             ThreadPoolExecutor(max_workers=8, thread_name_prefix="local-api"),
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+            options=CHANNEL_OPTIONS,
             maximum_concurrent_rpcs=32,
         )
         pb_grpc.add_AgentServicer_to_server(self._servicer, server)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 
-from donor_app.agent.history import HourBucket, Totals
-from donor_app.agent.local_api import MAX_MESSAGE_BYTES
-from donor_app.agent.status import AgentStatus
+from donor_app.agent.local_limits import CHANNEL_OPTIONS
+from donor_app.domain.history import HourBucket, Totals
 from donor_app.domain.settings import Settings
+from donor_app.domain.status import AgentStatus
 from donor_app.proto import serde
 from donor_app.proto.v1 import agent_pb2 as pb
 from donor_app.proto.v1 import agent_pb2_grpc as pb_grpc
@@ -41,13 +41,7 @@ class AgentClient:
     def __init__(self, socket_path: Path, timeout_s: float = 5.0) -> None:
         self.socket_path = socket_path
         self._timeout = timeout_s
-        self._channel = grpc.insecure_channel(
-            f"unix:{socket_path}",
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.AgentStub(self._channel)
 
     def close(self) -> None:

@@ -17,14 +17,16 @@ from pathlib import Path
 from donor_app.activity.factory import make_host_sensor, make_idle_counter, make_input_listener
 from donor_app.activity.ports import InputListener
 from donor_app.agent.engine import Engine
-from donor_app.agent.history import History, HistoryError
+from donor_app.agent.history import History
+from donor_app.agent.history_file import HistoryError
 from donor_app.agent.link.connection import CoordinatorLink
 from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.link.workloads import FleetWorkloads
 from donor_app.agent.local_api import LocalApiServer
-from donor_app.agent.status import AgentStatus
+from donor_app.domain.guest import GuestState
+from donor_app.domain.status import AgentStatus
 from donor_app.domain.vm import KernelBoot, VmSpec
-from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.images import ImageCache
 from donor_app.settings.config import ConfigError, LinkConfig, SettingsStore, load_link_config
 from donor_app.settings.paths import Paths
@@ -76,7 +78,7 @@ def ensure_demo_guest(
         spec = VmSpec(name, 1, 256, KernelBoot(kernel_sha, initrd_sha, cmdline))
         hv.create(spec)
         log.info("demo guest %s started; its console: %s", name, hv.console_path(name))
-    elif hv.state(name) is GuestState.SHUTOFF and not hv.has_managed_save(name):
+    elif hv.state(name) is GuestState.STOPPED and not hv.has_managed_save(name):
         hv.start(name)
 
 

@@ -1,64 +1,50 @@
-"""The admin API's client (used by the `donor-coordinator` subcommands and tests).
+"""The Admin API's client in domain types (used by the `donor-coordinator` subcommands).
 
-Talks to the main port with the admin credential (mTLS). Errors become `AdminError`
-with the coordinator's own message, so the CLI can print one line.
+Talks to the main port with the admin credential (mTLS) through `AdminRpc`, and turns
+its replies into `WorkloadRecord`, `WorkloadEvent`, `DonorView` and `IssuedToken`.
+Every failure is an `AdminError` with one line to print: the coordinator's refusal, an
+unreachable coordinator, or a reply that is not a domain value.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from donor_app.coordinator.images import CHUNK_BYTES
-from donor_app.proto.v1 import coordinator_pb2 as pb
-from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from donor_app.coordinator.admin_rpc import AdminCredential, AdminError, AdminRpc
+from donor_app.domain.admin_views import DonorView, IssuedToken
+from donor_app.domain.records import WorkloadEvent, WorkloadRecord
+from donor_app.domain.vm import VmSpec
+from donor_app.proto import admin_replies
+from donor_app.proto.spec_serde import spec_to_proto
+
+__all__ = ["AdminClient", "AdminCredential", "AdminError"]
+
+_Wire = TypeVar("_Wire")
+_Domain = TypeVar("_Domain")
 
 
-class AdminError(Exception):
-    """The coordinator refused or could not be reached; `code` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class AdminCredential:
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-
-    @classmethod
-    def from_files(cls, ca: Path, cert: Path, key: Path) -> AdminCredential:
-        return cls(ca.read_bytes(), cert.read_bytes(), key.read_bytes())
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+def _read(convert: Callable[[_Wire], _Domain], reply: _Wire) -> _Domain:
+    try:
+        return convert(reply)
+    except ValueError as error:
+        raise AdminError(
+            grpc.StatusCode.INTERNAL, f"the coordinator's reply is not understood: {error}"
+        ) from None
 
 
 class AdminClient:
+    """One channel to the coordinator's Admin API; thread-safe, as gRPC channels are."""
+
     def __init__(self, address: str, credential: AdminCredential, timeout_s: float = 30.0) -> None:
         self.address = address
-        self._timeout = timeout_s
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=credential.ca_pem,
-            private_key=credential.key_pem,
-            certificate_chain=credential.cert_pem,
-        )
-        self._channel = grpc.secure_channel(address, creds)
-        self._stub = pb_grpc.AdminStub(self._channel)
+        self._rpc = AdminRpc(address, credential, timeout_s)
 
     def close(self) -> None:
-        self._channel.close()
+        self._rpc.close()
 
     def __enter__(self) -> AdminClient:
         return self
@@ -66,110 +52,46 @@ class AdminClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _error(self, error: grpc.RpcError) -> AdminError:
-        code = error.code()
-        if code is grpc.StatusCode.UNAVAILABLE:
-            return AdminError(code, f"cannot reach the coordinator at {self.address}")
-        return AdminError(code, error.details() or code.name)
-
-    def create_token(self, ttl_s: int, uses: int, note: str = "") -> pb.CreateTokenResponse:
-        try:
-            reply: pb.CreateTokenResponse = self._stub.CreateEnrollmentToken(
-                pb.CreateTokenRequest(ttl_s=ttl_s, uses=uses, note=note), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def create_token(self, ttl_s: int, uses: int, note: str = "") -> IssuedToken:
+        """A new enrollment token (`ttl_s` 0: one hour; `uses` 0: one)."""
+        return _read(
+            admin_replies.issued_token_from_proto, self._rpc.create_token(ttl_s, uses, note)
+        )
 
     def upload_image(self, path: Path) -> str:
         """Upload a file; returns its sha256 (uploading a known image again is harmless)."""
-        sha256 = _file_sha256(path)
-        size = path.stat().st_size
+        return self._rpc.upload_image(path)
 
-        def chunks() -> Iterator[pb.ImageChunk]:
-            with path.open("rb") as f:
-                first = True
-                while block := f.read(CHUNK_BYTES):
-                    yield pb.ImageChunk(
-                        sha256=sha256 if first else "",
-                        total_size=size if first else 0,
-                        data=block,
-                    )
-                    first = False
+    def submit(self, spec: VmSpec, priority: int = 0) -> WorkloadRecord:
+        """Queue a workload; its images must have been uploaded."""
+        return _read(
+            admin_replies.workload_from_proto, self._rpc.submit(spec_to_proto(spec, priority))
+        )
 
-        try:
-            reply: pb.ImageInfo = self._stub.UploadImage(chunks(), timeout=600)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply.sha256
+    def workloads(self) -> list[WorkloadRecord]:
+        """Every workload the coordinator knows, where it runs."""
+        return [_read(admin_replies.workload_from_proto, w) for w in self._rpc.workloads()]
 
-    def submit(self, spec: pb.WorkloadSpec) -> pb.Workload:
-        try:
-            reply: pb.Workload = self._stub.SubmitWorkload(
-                pb.SubmitWorkloadRequest(spec=spec), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def cancel(self, workload_id: str) -> WorkloadRecord:
+        """Stop a workload everywhere."""
+        return _read(admin_replies.workload_from_proto, self._rpc.cancel(workload_id))
 
-    def workloads(self) -> list[pb.Workload]:
-        try:
-            reply: pb.ListWorkloadsResponse = self._stub.ListWorkloads(
-                pb.ListWorkloadsRequest(), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return list(reply.workloads)
+    def history(self, workload_id: str) -> tuple[WorkloadRecord, tuple[WorkloadEvent, ...]]:
+        """A workload and its events (placed, moved, checkpointed…), oldest first."""
+        return _read(admin_replies.history_from_proto, self._rpc.history(workload_id))
 
-    def cancel(self, workload_id: str) -> pb.Workload:
-        try:
-            reply: pb.Workload = self._stub.CancelWorkload(
-                pb.WorkloadRef(id=workload_id), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def move(self, workload_id: str, target: str = "", cold: bool = False) -> WorkloadRecord:
+        """Move a workload to `target` (empty: the best idle donor), live unless `cold`."""
+        return _read(admin_replies.workload_from_proto, self._rpc.move(workload_id, target, cold))
 
-    def history(self, workload_id: str) -> pb.WorkloadHistoryResponse:
-        try:
-            reply: pb.WorkloadHistoryResponse = self._stub.WorkloadHistory(
-                pb.WorkloadRef(id=workload_id), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def donors(self) -> list[DonorView]:
+        """Every enrolled donor."""
+        return [_read(admin_replies.donor_view_from_proto, d) for d in self._rpc.donors()]
 
-    def move(self, workload_id: str, target: str = "", cold: bool = False) -> pb.Workload:
-        try:
-            reply: pb.Workload = self._stub.MoveWorkload(
-                pb.MoveWorkloadRequest(id=workload_id, target_donor_id=target, cold=cold),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def drain(self, donor_id: str) -> DonorView:
+        """No new work for the donor; its work moves away."""
+        return _read(admin_replies.donor_view_from_proto, self._rpc.drain(donor_id))
 
-    def donors(self) -> list[pb.Donor]:
-        try:
-            reply: pb.ListDonorsResponse = self._stub.ListDonors(
-                pb.ListDonorsRequest(), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return list(reply.donors)
-
-    def drain(self, donor_id: str) -> pb.Donor:
-        try:
-            reply: pb.Donor = self._stub.DrainDonor(pb.DonorRef(id=donor_id), timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
-
-    def revoke(self, donor_id: str) -> pb.Donor:
-        try:
-            reply: pb.Donor = self._stub.RevokeDonor(
-                pb.DonorRef(id=donor_id), timeout=self._timeout
-            )
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return reply
+    def revoke(self, donor_id: str) -> DonorView:
+        """Refuse the donor from now on."""
+        return _read(admin_replies.donor_view_from_proto, self._rpc.revoke(donor_id))

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from donor_app.coordinator.admin_client import AdminClient, AdminCredential, AdminError
-from donor_app.coordinator.enrollment import EnrollmentError
 from donor_app.coordinator.fleet import FleetConfig
+from donor_app.coordinator.pki import EnrollmentError
 from donor_app.coordinator.server import CoordinatorServer, Endpoints, ServeOptions
 from donor_app.coordinator.store.ports import StoreError
-from donor_app.domain.link import MigrationLimits
+from donor_app.domain.admin_views import DonorView
+from donor_app.domain.link import Capacity, MigrationLimits
+from donor_app.domain.records import WorkloadEvent, WorkloadRecord
+from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
 from donor_app.logs import configure
-from donor_app.proto.serde import moment
-from donor_app.proto.v1 import coordinator_pb2 as pb
 from donor_app.settings.paths import default_paths, system_paths
 
 log = logging.getLogger("donor_app.coordinator")
@@ -42,6 +43,10 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 class UsageError(Exception):
     """The command line asks for something impossible (exit 2)."""
+
+
+class SpecRefused(Exception):
+    """The workload's values are ones the coordinator refuses (exit 1, as its refusal)."""
 
 
 def default_data_dir() -> Path:
@@ -250,41 +255,39 @@ def _client(args: argparse.Namespace, data_dir: Path) -> AdminClient:
     return AdminClient(endpoints.address, credential)
 
 
-def _state_name(state: int) -> str:
-    return pb.WorkloadState.Name(state).removeprefix("WORKLOAD_STATE_").lower()  # type: ignore[arg-type]
-
-
-def _submit(client: AdminClient, args: argparse.Namespace) -> pb.Workload:
+def _submit(client: AdminClient, args: argparse.Namespace) -> WorkloadRecord:
     if bool(args.kernel) == bool(args.disk):
         raise UsageError("give --kernel (with --initrd) or --disk")
-    spec = pb.WorkloadSpec(
-        name=args.name,
-        vcpus=args.vcpus,
-        memory_mib=args.memory_mib,
-        arch=args.arch,
-        priority=args.priority,
-        network=args.network,
-    )
-    if args.kernel:
-        spec.kernel.CopyFrom(
-            pb.KernelBoot(
-                kernel_sha256=client.upload_image(args.kernel),
-                initrd_sha256=client.upload_image(args.initrd) if args.initrd else "",
-                cmdline=args.cmdline,
-            )
+    boot: KernelBoot | DiskBoot
+    try:
+        if args.kernel:
+            kernel = client.upload_image(args.kernel)
+            initrd = client.upload_image(args.initrd) if args.initrd else None
+            # An empty command line or arch means the coordinator's defaults.
+            boot = KernelBoot(kernel, initrd, args.cmdline or "console=ttyS0")
+        else:
+            boot = DiskBoot(client.upload_image(args.disk))
+        spec = VmSpec(
+            name=args.name,
+            vcpus=args.vcpus,
+            memory_mib=args.memory_mib,
+            boot=boot,
+            network=args.network,
+            arch=args.arch or "x86_64",
         )
-    else:
-        spec.disk.CopyFrom(pb.DiskBoot(disk_sha256=client.upload_image(args.disk)))
-    return client.submit(spec)
+    except ValueError as error:
+        # Worded as the coordinator words a spec it refuses.
+        raise SpecRefused(f"spec.{error}") from None
+    return client.submit(spec, args.priority)
 
 
-def _print_workloads(workloads: Sequence[pb.Workload], as_json: bool) -> None:
+def _print_workloads(workloads: Sequence[WorkloadRecord], as_json: bool) -> None:
     rows = [
         {
-            "id": w.id,
+            "id": w.workload_id,
             "name": w.spec.name,
-            "state": _state_name(w.state),
-            "donor": w.donor_id,
+            "state": w.state.value,
+            "donor": w.donor_id or "",
             "epoch": w.epoch,
             "vcpus": w.spec.vcpus,
             "memory_mib": w.spec.memory_mib,
@@ -293,10 +296,10 @@ def _print_workloads(workloads: Sequence[pb.Workload], as_json: bool) -> None:
                 "sha256": w.checkpoint.sha256,
                 "size": w.checkpoint.size,
                 "epoch": w.checkpoint.epoch,
-                "taken_at": moment(w.checkpoint.taken_at).isoformat(),
+                "taken_at": w.checkpoint.taken_at.isoformat(),
                 "donor": w.checkpoint.donor_id,
             }
-            if w.HasField("checkpoint")
+            if w.checkpoint is not None
             else None,
         }
         for w in workloads
@@ -312,21 +315,22 @@ def _print_workloads(workloads: Sequence[pb.Workload], as_json: bool) -> None:
         )
 
 
-def _print_history(reply: pb.WorkloadHistoryResponse, as_json: bool) -> None:
+def _print_history(history: tuple[WorkloadRecord, Sequence[WorkloadEvent]], as_json: bool) -> None:
+    workload, events = history
     rows = [
         {
-            "at": moment(e.at).isoformat(),
+            "at": e.at.isoformat(),
             "kind": e.kind,
-            "donor": e.donor_id,
+            "donor": e.donor_id or "",
             "epoch": e.epoch,
             "detail": e.detail,
         }
-        for e in reply.events
+        for e in events
     ]
     if as_json:
-        print(json.dumps({"workload": reply.workload.id, "events": rows}, indent=2))
+        print(json.dumps({"workload": workload.workload_id, "events": rows}, indent=2))
         return
-    _print_workloads([reply.workload], as_json=False)
+    _print_workloads([workload], as_json=False)
     print()
     print(f"{'AT':<26} {'EVENT':<20} {'DONOR':<20} {'EPOCH':>5}  DETAIL")
     for r in rows:
@@ -335,25 +339,23 @@ def _print_history(reply: pb.WorkloadHistoryResponse, as_json: bool) -> None:
         )
 
 
-def _print_donors(donors: Sequence[pb.Donor], as_json: bool) -> None:
+def _print_donors(donors: Sequence[DonorView], as_json: bool) -> None:
+    # A donor that has not reported yet shows zeros, as the wire's empty capacity does.
+    none = Capacity(cores=0, memory_mib=0, arch="")
     rows: list[dict[str, Any]] = []
     for d in donors:
-        flags = [
-            name
-            for name, on in (("revoked", d.revoked), ("drained", d.drained), ("lost", d.lost))
-            if on
-        ]
+        capacity = d.capacity or none
         rows.append(
             {
-                "id": d.id,
+                "id": d.donor_id,
                 "hostname": d.hostname,
                 "connected": d.connected,
-                "flags": flags,
-                "cores": d.capacity.cores,
-                "memory_mib": d.capacity.memory_mib,
-                "lend_cpu_percent": d.capacity.lend_cpu_percent,
-                "idle": d.capacity.idle,
-                "last_seen": moment(d.last_seen).isoformat() if d.HasField("last_seen") else None,
+                "flags": list(d.flags),
+                "cores": capacity.cores,
+                "memory_mib": capacity.memory_mib,
+                "lend_cpu_percent": capacity.lend_cpu_percent,
+                "idle": capacity.idle,
+                "last_seen": d.last_seen.isoformat() if d.last_seen is not None else None,
                 "workloads": list(d.workload_ids),
             }
         )
@@ -372,26 +374,16 @@ def _print_donors(donors: Sequence[pb.Donor], as_json: bool) -> None:
 def _admin(args: argparse.Namespace, data_dir: Path) -> int:
     with _client(args, data_dir) as client:
         if args.command == "token":
-            reply = client.create_token(int(args.ttl.total_seconds()), args.uses, args.note)
+            token = client.create_token(int(args.ttl.total_seconds()), args.uses, args.note)
+            expires = token.expires_at.isoformat()
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "token": reply.token,
-                            "expires_at": moment(reply.expires_at).isoformat(),
-                            "uses": reply.uses,
-                        }
-                    )
-                )
+                print(json.dumps({"token": token.token, "expires_at": expires, "uses": token.uses}))
             else:
-                print(reply.token)
-                print(
-                    f"# {reply.uses} use(s), expires {moment(reply.expires_at).isoformat()}",
-                    file=sys.stderr,
-                )
+                print(token.token)
+                print(f"# {token.uses} use(s), expires {expires}", file=sys.stderr)
         elif args.command == "workload" and args.action == "submit":
-            workload = _submit(client, args)
-            print(workload.id if not args.json else json.dumps({"id": workload.id}))
+            workload_id = _submit(client, args).workload_id
+            print(workload_id if not args.json else json.dumps({"id": workload_id}))
         elif args.command == "workload" and args.action == "list":
             _print_workloads(client.workloads(), args.json)
         elif args.command == "workload" and args.action == "move":
@@ -420,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"donor-coordinator: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except AdminError as error:
+    except (AdminError, SpecRefused) as error:
         print(f"donor-coordinator: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as error:

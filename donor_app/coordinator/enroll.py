@@ -11,16 +11,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from donor_app.coordinator.enrollment import (
-    CertificateAuthority,
-    CsrRejected,
-    IssuedCertificate,
-    donor_common_name,
-    parse_token,
-)
+from donor_app.coordinator.ca import CertificateAuthority, CsrRejected, IssuedCertificate
 from donor_app.coordinator.fleet import Fleet, new_id
 from donor_app.coordinator.fleet.session import Code, Refused
+from donor_app.coordinator.identity import donor_common_name
 from donor_app.coordinator.store.ports import TokenRefused
+from donor_app.coordinator.tokens import parse_token
 from donor_app.domain.records import DonorRecord
 
 HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")

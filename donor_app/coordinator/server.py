@@ -14,7 +14,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from donor_app.coordinator.enrollment import CoordinatorTls, prepare_tls
+from donor_app.atomic_file import write_atomic
 from donor_app.coordinator.fleet import Fleet, FleetConfig, utc_now
 from donor_app.coordinator.gc_policy import freeze_periodically
 from donor_app.coordinator.images import CHUNK_BYTES, ImageStore
@@ -32,6 +31,7 @@ from donor_app.coordinator.metrics import Metrics
 from donor_app.coordinator.servicers import AdminServicer, CoordinatorServicer
 from donor_app.coordinator.store import default_sqlite_url, open_store
 from donor_app.coordinator.store.ports import Store
+from donor_app.coordinator.tls_files import CoordinatorTls, prepare_tls
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,7 @@ class CoordinatorServer:
             admin_cert_file=tls.admin_cert_file,
             admin_key_file=tls.admin_key_file,
         )
-        endpoints_file = data_dir / ENDPOINTS_FILE
-        tmp = endpoints_file.with_suffix(".tmp")
-        tmp.write_text(self.endpoints.to_json())
-        os.replace(tmp, endpoints_file)
+        write_atomic(data_dir / ENDPOINTS_FILE, self.endpoints.to_json().encode(), 0o644)
         log.info(
             "coordinator serving: donors and admin on %s (mTLS), enrollment on %s, metrics on %s",
             self.endpoints.address,

@@ -17,18 +17,17 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from grpc import aio
 
+from donor_app.coordinator.ca import CertificateAuthority
 from donor_app.coordinator.enroll import enroll
-from donor_app.coordinator.enrollment import (
-    CertificateAuthority,
-    Identity,
-    identity_from_auth_context,
-    new_token,
-)
 from donor_app.coordinator.fleet import Fleet
 from donor_app.coordinator.fleet.session import Code, DonorSession, Refused
+from donor_app.coordinator.identity import Identity, identity_from_auth_context
 from donor_app.coordinator.images import ImageStore, ImageUploadError, Upload, check_sha256
 from donor_app.coordinator.metrics import Metrics
+from donor_app.coordinator.tokens import new_token
+from donor_app.proto import admin_serde, spec_serde
 from donor_app.proto import coordinator_serde as serde
+from donor_app.proto.checks import WireError, identifier
 from donor_app.proto.serde import timestamp
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
@@ -171,7 +170,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     )
                 try:
                     event = serde.event_from_proto(wire)
-                except serde.WireError as error:
+                except WireError as error:
                     raise Refused(Code.INVALID_ARGUMENT, str(error)) from None
                 await self._fleet.on_event(session, event)
                 self._metrics.event_seconds.labels(type(event.message).__name__).observe(
@@ -218,7 +217,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header: list[pb.CheckpointChunk] = []
 
         def begin(chunk: pb.CheckpointChunk) -> None:
-            serde.checked_identifier("workload_id", chunk.workload_id)
+            identifier("workload_id", chunk.workload_id)
             # Refused before a byte is stored: only the holder at this epoch may push.
             self._fleet.holder_check(donor_id, chunk.workload_id, chunk.epoch)
             upload.begin(chunk.sha256, chunk.total_size)
@@ -233,7 +232,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         except Refused as refusal:
             await refuse(context, refusal)
-        except serde.WireError as error:
+        except WireError as error:
             await refuse(context, Refused(Code.INVALID_ARGUMENT, str(error)))
         return serde.checkpoint_to_proto(info)
 
@@ -328,7 +327,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                 return await call()
             except Refused as refusal:
                 await refuse(context, refusal)
-            except serde.WireError as error:
+            except WireError as error:
                 await refuse(context, Refused(Code.INVALID_ARGUMENT, str(error)))
 
         return await _timed(self._metrics, method, checked)
@@ -371,8 +370,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request: pb.SubmitWorkloadRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.Workload:
         async def call() -> pb.Workload:
-            spec, priority = serde.spec_from_proto(request.spec)
-            return serde.workload_to_proto(await self._fleet.submit(spec, priority))
+            spec, priority = spec_serde.spec_from_proto(request.spec)
+            return admin_serde.workload_to_proto(await self._fleet.submit(spec, priority))
 
         return await self._run("SubmitWorkload", context, call)
 
@@ -381,7 +380,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     ) -> pb.ListWorkloadsResponse:
         async def call() -> pb.ListWorkloadsResponse:
             records = await self._fleet.list_workloads()
-            return pb.ListWorkloadsResponse(workloads=[serde.workload_to_proto(r) for r in records])
+            return pb.ListWorkloadsResponse(
+                workloads=[admin_serde.workload_to_proto(r) for r in records]
+            )
 
         return await self._run("ListWorkloads", context, call)
 
@@ -391,8 +392,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         async def call() -> pb.WorkloadHistoryResponse:
             record, events = await self._fleet.history(request.id)
             return pb.WorkloadHistoryResponse(
-                workload=serde.workload_to_proto(record),
-                events=[serde.workload_event_to_proto(e) for e in events],
+                workload=admin_serde.workload_to_proto(record),
+                events=[admin_serde.workload_event_to_proto(e) for e in events],
             )
 
         return await self._run("WorkloadHistory", context, call)
@@ -404,7 +405,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             record = await self._fleet.move(
                 request.id, request.target_donor_id or None, cold=request.cold
             )
-            return serde.workload_to_proto(record)
+            return admin_serde.workload_to_proto(record)
 
         return await self._run("MoveWorkload", context, call)
 
@@ -412,12 +413,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request: pb.WorkloadRef, context: aio.ServicerContext[Any, Any]
     ) -> pb.Workload:
         async def call() -> pb.Workload:
-            return serde.workload_to_proto(await self._fleet.cancel(request.id))
+            return admin_serde.workload_to_proto(await self._fleet.cancel(request.id))
 
         return await self._run("CancelWorkload", context, call)
 
     def _donor_view(self, record: Any, held: dict[str, list[str]]) -> pb.Donor:
-        return serde.donor_to_proto(
+        return admin_serde.donor_to_proto(
             record,
             connected=self._fleet.is_connected(record.donor_id),
             workload_ids=held.get(record.donor_id, []),

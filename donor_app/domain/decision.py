@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
+from enum import Enum, StrEnum
 
 
-class Level(Enum):
-    """The rungs of the escalation ladder (see DESIGN.md), mildest first."""
+class Level(StrEnum):
+    """The rungs of the escalation ladder (docs/design.md, "The escalation ladder"),
+    mildest first. The values are the words a donor's report carries to the coordinator
+    (never compare levels with `<`: that compares the words)."""
 
     RUN = "run"
     """Donate at the idle caps."""

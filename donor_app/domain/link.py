@@ -7,23 +7,43 @@ validates every field on the way in.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from donor_app.domain.decision import Level
+from donor_app.domain.guest import GuestState
 from donor_app.domain.vm import VmSpec
+
+# GuestState is the domain's (domain.guest); it is named here too, as GuestReport's type.
+__all__ = [
+    "MAX_GUESTS_PER_REPORT",
+    "MAX_TEXT",
+    "Ack",
+    "Capacity",
+    "Checkpoint",
+    "CheckpointInfo",
+    "Command",
+    "CommandResult",
+    "CoordinatorMessage",
+    "DonorEvent",
+    "DonorMessage",
+    "Evacuate",
+    "GuestReport",
+    "GuestState",
+    "Hello",
+    "MigrationLimits",
+    "MigrationReport",
+    "MigrationTarget",
+    "PrepareMigration",
+    "Reclaim",
+    "Report",
+    "RunWorkload",
+    "StopWorkload",
+    "Welcome",
+]
 
 MAX_GUESTS_PER_REPORT = 256
 MAX_TEXT = 512  # detail/reason strings from the other side are cut to this
-
-
-class GuestState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    CHECKPOINTED = "checkpointed"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +116,12 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Report:
+    """What the donor has and does now; `level` is its policy's rung, None before the
+    first decision."""
+
     capacity: Capacity
     guests: tuple[GuestReport, ...] = ()
-    level: str = ""
+    level: Level | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,7 +100,7 @@ def track(
     )
 
 
-def decide(  # noqa: PLR0917 - the engine's call, as issue 3 specifies it
+def decide(  # noqa: PLR0917 - six inputs, each named in the engine's one call
     now: datetime,
     settings: Settings,
     fleet_policy: FleetPolicy,

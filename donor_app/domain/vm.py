@@ -13,7 +13,7 @@ from dataclasses import dataclass
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MIN_VCPUS, MAX_VCPUS = 1, 64
-# A guest with 64 MiB or less does not boot the cloud kernel (HOST-FACTS.md); 1 TiB is far
+# A guest with 64 MiB or less does not boot the cloud kernel (tried); 1 TiB is far
 # beyond any workstation and catches unit mistakes (bytes given as MiB).
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 128, 1024 * 1024
 MAX_CMDLINE = 1024

@@ -1,7 +1,7 @@
 """Forwards the owner's input activity to the agent (ReportActivity), batched.
 
 The first input after a quiet spell is sent at once: it is on the critical path of
-giving the machine back (DESIGN.md). Input during the next `interval_s` is folded into
+giving the machine back (docs/design.md). Input during the next `interval_s` is folded into
 one report (the newest time and a count, never keys), so a typing owner costs at most
 one small RPC per interval. Qt-free; runs its own thread.
 """

@@ -14,8 +14,8 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QHideEvent, QShowEvent
 from PySide6.QtWidgets import QLabel, QPushButton, QTabBar, QVBoxLayout, QWidget
 
-from donor_app.agent.history import HourBucket, Totals
 from donor_app.agent.local_client import AgentUnavailable
+from donor_app.domain.history import HourBucket, Totals
 from donor_app.gui.bar_chart import BarChart
 from donor_app.gui.charts_data import (
     LiveSeries,

@@ -18,10 +18,11 @@ from PySide6.QtGui import QCursor
 from PySide6.QtWidgets import QApplication, QMenu, QMessageBox, QSystemTrayIcon
 
 from donor_app.activity.ports import InputListener
-from donor_app.agent.history import HourBucket, Totals
 from donor_app.agent.local_client import AgentClient, AgentRefused, AgentUnavailable
-from donor_app.agent.status import AgentStatus
+from donor_app.domain.guest import GuestState
+from donor_app.domain.history import HourBucket, Totals
 from donor_app.domain.settings import Settings
+from donor_app.domain.status import AgentStatus
 from donor_app.gui import presenter
 from donor_app.gui.activity_forwarder import ActivityForwarder
 from donor_app.gui.activity_window import ActivityWindow
@@ -174,7 +175,7 @@ class TrayApp(QObject):
         previous, self.status = self.status, status
         self.failure = ""
         self._agent_timer.stop()
-        running = [g for g in status.guests if g.state == "running"]
+        running = [g for g in status.guests if g.state == GuestState.RUNNING]
         self.live.add(
             status.at.astimezone(),
             sum(g.cpu_percent for g in running),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from donor_app.agent.history import HOUR_SECONDS, HourBucket
+from donor_app.domain.history import HOUR_SECONDS, HourBucket
 
 
 class Span(Enum):

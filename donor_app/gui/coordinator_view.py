@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from donor_app.agent.status import AgentStatus, LinkStatus
+from donor_app.domain.status import AgentStatus, LinkStatus
 
 # The tray's name for the link; the agent's status type carries it as is.
 CoordinatorView = LinkStatus

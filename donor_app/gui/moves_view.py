@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from donor_app.agent.status import AgentStatus, GuestMove
+from donor_app.domain.status import AgentStatus, GuestMove
 
 MOVES_SHOWN = 5  # lines under "Recent moves"
 ORIGINS_SHOWN = 3  # "came from" header lines, for the guests here now

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Level
+from donor_app.domain.status import AgentStatus
 
 NOT_OWNER_CAUSED = frozenset({Cause.SCHEDULE, Cause.BATTERY, Cause.HEAT, Cause.BLACKOUT})
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from enum import Enum
 
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Level
+from donor_app.domain.guest import GuestState
+from donor_app.domain.status import AgentStatus, LinkState
 from donor_app.gui.coordinator_view import CoordinatorView, coordinator_of
 from donor_app.gui.moves_view import moves_lines, origin_lines
 
@@ -76,7 +77,9 @@ def tray_state(status: AgentStatus | None, failure: str = "") -> TrayState:
     if status is None:
         return TrayState.ERROR if failure else TrayState.DISCONNECTED
     coordinator = coordinator_of(status)
-    if status.settings_error or (coordinator is not None and coordinator.state == "refused"):
+    if status.settings_error or (
+        coordinator is not None and coordinator.state == LinkState.REFUSED
+    ):
         return TrayState.ERROR
     decision = status.decision
     if decision.cause is Cause.SNOOZED or status.snoozed_indefinitely:
@@ -96,7 +99,7 @@ def is_snoozed(status: AgentStatus | None) -> bool:
 
 def lent_line(status: AgentStatus) -> str:
     """What the guests use right now, e.g. "Lent now: 1 guest, 98 % of a core, 256 MiB"."""
-    running = [g for g in status.guests if g.state == "running"]
+    running = [g for g in status.guests if g.state == GuestState.RUNNING]
     if not status.guests:
         return "No guests on this computer"
     if not running:
@@ -130,7 +133,7 @@ def header_lines(status: AgentStatus | None, now: datetime) -> list[str]:
     if status.settings_error:
         lines.append(f"Settings file error (last good settings apply): {status.settings_error}")
     coordinator = coordinator_of(status)
-    if coordinator is not None and coordinator.state in ("disconnected", "refused"):
+    if coordinator is not None and coordinator.state in (LinkState.DISCONNECTED, LinkState.REFUSED):
         lines.append(coordinator_line(coordinator))
     return lines
 

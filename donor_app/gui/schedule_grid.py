@@ -93,6 +93,14 @@ class ScheduleGrid(QWidget):
 
     def paintEvent(self, event: QPaintEvent) -> None:
         painter = QPainter(self)
+        try:
+            self._paint(painter)
+        finally:
+            # Even if painting fails: a painter left active on the window's backing store
+            # is a crash later.
+            painter.end()
+
+    def _paint(self, painter: QPainter) -> None:
         palette = self.palette()
         text = palette.color(QPalette.ColorRole.WindowText)
         empty = palette.color(QPalette.ColorRole.Base)
@@ -115,7 +123,6 @@ class ScheduleGrid(QWidget):
                 if index is not None and index == self._selected:
                     painter.setPen(QPen(text, 2))
                     painter.drawRect(self.cell_rect(cell).adjusted(1, 1, -1, -1))
-        painter.end()
 
     def _dragged_cells(self) -> set[Cell]:
         if self._drag is None:

@@ -28,8 +28,8 @@ from PySide6.QtWidgets import (
 )
 
 from donor_app.agent.local_client import AgentRefused, AgentUnavailable
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.settings import FieldError, Settings
+from donor_app.domain.status import AgentStatus
 from donor_app.gui.caps_editor import CapsEditor
 from donor_app.gui.coordinator_view import coordinator_of
 from donor_app.gui.field_names import describe, explain

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from donor_app.agent.local_client import AgentClient, AgentUnavailable
-from donor_app.agent.status import AgentStatus
+from donor_app.domain.status import AgentStatus
 from donor_app.gui.backoff import Backoff
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """A CPU cap made of suspend/resume, for drivers without cputune (qemu:///session).
 
 Every `period` the guest runs for `percent` of it and is suspended for the rest. Suspend
-and resume cost ~1.3 ms each (HOST-FACTS.md), so a 100 ms period keeps the overhead near
-3 % while the cap stays accurate over any window of a second or more.
+and resume cost ~1.3 ms each (measured on a TCG guest), so a 100 ms period keeps the
+overhead near 3 % while the cap stays accurate over any window of a second or more.
 """
 
 from __future__ import annotations

@@ -12,8 +12,7 @@ before (libvirt resumes it when it cancels a migration; this module checks, and 
 it where libvirt did not) — unless the target reports a running copy, since resuming
 then would run the guest twice.
 
-Only `Hypervisor.migrate_live` (host.py) calls this module, which builds on host.py's
-types; host.py imports it lazily for that reason.
+Only `Hypervisor.migrate_live` (host.py) calls this module.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ from typing import Any
 
 import libvirt
 
+from donor_app.domain.guest import GuestState
+from donor_app.hypervisor.calls import guest_state_of
 from donor_app.hypervisor.errors import HypervisorError
-from donor_app.hypervisor.host import GuestState, guest_state_of
 from donor_app.hypervisor.xml import BootFiles, retarget_domain_xml
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Choosing the domain type: hardware virtualisation (kvm) where it works, else TCG (qemu).
 
 "/dev/kvm exists" is not enough: on nested or restricted hosts the device is there but
-the CPU has no vmx/svm and guests hang (HOST-FACTS.md). So both must hold.
+the CPU has no vmx/svm and guests hang or abort after minutes. So both must hold.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Finding a guest's QEMU process and reading its CPU time and memory.
 
-libvirt's own CPU statistics fail on some cgroup setups (HOST-FACTS.md), and the owner's
+libvirt's own CPU statistics (`getCPUStats()`) fail on some cgroup setups, and the owner's
 load is "host CPU minus the guests' QEMU processes", so the agent needs the processes
 themselves. A QEMU process is recognised by the domain UUID on its command line
 (`-uuid …`), which works the same for qemu:///system, session and embed.

@@ -1,55 +1,26 @@
-"""coordinator.proto ↔ domain: the only module that knows both for the coordinator link.
+"""coordinator.proto ↔ domain for the donor link: what donors and the coordinator say.
 
 Everything coming off the wire is validated here; a bad field raises `WireError` whose
 message starts with the field's path ("hello.capacity.cores: ..."), which the servicer
-returns as INVALID_ARGUMENT.
+returns as INVALID_ARGUMENT. Workload specs are converted by `spec_serde`, the admin
+API's views by `admin_serde`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from datetime import datetime
 
 from donor_app.domain import link
-from donor_app.domain.records import DonorRecord, WorkloadEvent, WorkloadRecord, WorkloadState
-from donor_app.domain.vm import ARCHES, SHA256_PATTERN, DiskBoot, KernelBoot, VmSpec
+from donor_app.domain.decision import Level
+from donor_app.domain.guest import GuestState
+from donor_app.domain.vm import ARCHES, SHA256_PATTERN
+from donor_app.proto.checks import WireError, identifier, optional_time, text
 from donor_app.proto.serde import moment, timestamp
+from donor_app.proto.spec_serde import spec_from_proto, spec_to_proto
 from donor_app.proto.v1 import coordinator_pb2 as pb
 
 MAX_CORES = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
-MAX_PRIORITY = 1_000_000
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-
-
-class WireError(ValueError):
-    """A message field is invalid; the text names the field."""
-
-
-def _text(path: str, value: str, limit: int = link.MAX_TEXT) -> str:
-    if len(value) > limit:
-        raise WireError(f"{path}: longer than {limit} characters")
-    return value
-
-
-def _identifier(path: str, value: str) -> str:
-    if not ID_PATTERN.fullmatch(value):
-        raise WireError(
-            f"{path}: {value[:80]!r} is not an identifier (1–128 of A–Z a–z 0–9 _ . : -)"
-        )
-    return value
-
-
-def checked_identifier(path: str, value: str) -> str:
-    """An id from the wire (WireError naming `path` if it is not one)."""
-    return _identifier(path, value)
-
-
-def _optional_time(message: object, name: str) -> datetime | None:
-    if message.HasField(name):  # type: ignore[attr-defined]
-        return moment(getattr(message, name))
-    return None
 
 
 # --- capacity ----------------------------------------------------------------------------
@@ -89,22 +60,24 @@ def capacity_from_proto(message: pb.Capacity, path: str = "capacity") -> link.Ca
         arch=message.arch,
         lend_cpu_percent=message.lend_cpu_percent,
         lend_memory_mib=message.lend_memory_mib,
-        lend_until=_optional_time(message, "lend_until"),
+        lend_until=optional_time(message, "lend_until"),
         idle=message.idle,
     )
 
 
 # --- guests --------------------------------------------------------------------------------
 
-_GUEST_STATES = {
-    link.GuestState.STARTING: pb.GUEST_STATE_STARTING,
-    link.GuestState.RUNNING: pb.GUEST_STATE_RUNNING,
-    link.GuestState.PAUSED: pb.GUEST_STATE_PAUSED,
-    link.GuestState.CHECKPOINTED: pb.GUEST_STATE_CHECKPOINTED,
-    link.GuestState.STOPPED: pb.GUEST_STATE_STOPPED,
-    link.GuestState.FAILED: pb.GUEST_STATE_FAILED,
+_GUEST_STATES_BACK = {
+    pb.GUEST_STATE_STARTING: GuestState.STARTING,
+    pb.GUEST_STATE_RUNNING: GuestState.RUNNING,
+    pb.GUEST_STATE_PAUSED: GuestState.PAUSED,
+    pb.GUEST_STATE_CHECKPOINTED: GuestState.CHECKPOINTED,
+    pb.GUEST_STATE_STOPPED: GuestState.STOPPED,
+    pb.GUEST_STATE_FAILED: GuestState.FAILED,
 }
-_GUEST_STATES_BACK = {wire: state for state, wire in _GUEST_STATES.items()}
+_GUEST_STATES = {state: wire for wire, state in _GUEST_STATES_BACK.items()}
+# A state the hypervisor cannot tell is nothing the coordinator could act on.
+_GUEST_STATES[GuestState.OTHER] = pb.GUEST_STATE_FAILED
 
 
 def guest_to_proto(guest: link.GuestReport) -> pb.GuestReport:
@@ -125,7 +98,7 @@ def guests_from_proto(
     seen: set[str] = set()
     for index, message in enumerate(messages):
         where = f"{path}[{index}]"
-        workload_id = _identifier(f"{where}.workload_id", message.workload_id)
+        workload_id = identifier(f"{where}.workload_id", message.workload_id)
         if workload_id in seen:
             raise WireError(f"{where}.workload_id: {workload_id} is reported twice")
         seen.add(workload_id)
@@ -137,10 +110,25 @@ def guests_from_proto(
                 workload_id=workload_id,
                 epoch=message.epoch,
                 state=state,
-                detail=_text(f"{where}.detail", message.detail),
+                detail=text(f"{where}.detail", message.detail),
             )
         )
     return tuple(guests)
+
+
+def level_to_wire(level: Level | None) -> str:
+    """A donor's policy level as Report.level carries it: its word, "" for none yet."""
+    return "" if level is None else Level(level).value
+
+
+def level_from_wire(path: str, wire: str) -> Level | None:
+    """Report.level's word as a level, None for "" (WireError naming `path` if unknown)."""
+    if not wire:
+        return None
+    try:
+        return Level(wire)
+    except ValueError:
+        raise WireError(f"{path}: {wire!r} is not a known level") from None
 
 
 # --- donor events --------------------------------------------------------------------------
@@ -162,7 +150,7 @@ def event_to_proto(event: link.DonorEvent) -> pb.DonorEvent:
             pb.Report(
                 capacity=capacity_to_proto(message.capacity),
                 guests=[guest_to_proto(g) for g in message.guests],
-                level=message.level,
+                level=level_to_wire(message.level),
             )
         )
     elif isinstance(message, link.Reclaim):
@@ -195,7 +183,7 @@ def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
         if not hello.HasField("capacity"):
             raise WireError("hello.capacity: missing")
         message = link.Hello(
-            agent_version=_text("hello.agent_version", hello.agent_version, 64),
+            agent_version=text("hello.agent_version", hello.agent_version, 64),
             capacity=capacity_from_proto(hello.capacity, "hello.capacity"),
             guests=guests_from_proto(hello.guests, "hello.guests"),
         )
@@ -206,7 +194,7 @@ def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
         message = link.Report(
             capacity=capacity_from_proto(report.capacity, "report.capacity"),
             guests=guests_from_proto(report.guests, "report.guests"),
-            level=_text("report.level", report.level, 32),
+            level=level_from_wire("report.level", text("report.level", report.level, 32)),
         )
     elif kind == "reclaim":
         reclaim = wire.reclaim
@@ -214,10 +202,10 @@ def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
             raise WireError(f"reclaim.workload_ids: more than {link.MAX_GUESTS_PER_REPORT}")
         message = link.Reclaim(
             workload_ids=tuple(
-                _identifier(f"reclaim.workload_ids[{i}]", w)
+                identifier(f"reclaim.workload_ids[{i}]", w)
                 for i, w in enumerate(reclaim.workload_ids)
             ),
-            reason=_text("reclaim.reason", reclaim.reason, 64),
+            reason=text("reclaim.reason", reclaim.reason, 64),
         )
     elif kind == "result":
         result = wire.result
@@ -230,7 +218,7 @@ def event_from_proto(wire: pb.DonorEvent) -> link.DonorEvent:
         message = link.CommandResult(
             command_seq=result.command_seq,
             ok=result.ok,
-            error=_text("result.error", result.error),
+            error=text("result.error", result.error),
             prepared=migration_target_from_proto(result.prepared, "result.prepared")
             if result.HasField("prepared")
             else None,
@@ -269,7 +257,7 @@ def checkpoint_from_proto(message: pb.CheckpointInfo, path: str) -> link.Checkpo
         size=message.size,
         epoch=message.epoch,
         taken_at=moment(message.taken_at),
-        donor_id=_identifier(f"{path}.donor_id", message.donor_id) if message.donor_id else "",
+        donor_id=identifier(f"{path}.donor_id", message.donor_id) if message.donor_id else "",
     )
 
 
@@ -288,11 +276,11 @@ def migration_target_from_proto(message: pb.MigrationTarget, path: str) -> link.
         if not getattr(message, name):
             raise WireError(f"{path}.{name}: missing")
     return link.MigrationTarget(
-        libvirt_uri=_text(f"{path}.libvirt_uri", message.libvirt_uri),
-        migrate_uri=_text(f"{path}.migrate_uri", message.migrate_uri),
-        kernel_path=_text(f"{path}.kernel_path", message.kernel_path),
-        initrd_path=_text(f"{path}.initrd_path", message.initrd_path),
-        console_path=_text(f"{path}.console_path", message.console_path),
+        libvirt_uri=text(f"{path}.libvirt_uri", message.libvirt_uri),
+        migrate_uri=text(f"{path}.migrate_uri", message.migrate_uri),
+        kernel_path=text(f"{path}.kernel_path", message.kernel_path),
+        initrd_path=text(f"{path}.initrd_path", message.initrd_path),
+        console_path=text(f"{path}.console_path", message.console_path),
     )
 
 
@@ -316,61 +304,6 @@ def limits_from_proto(message: pb.MigrationLimits, path: str) -> link.MigrationL
         deadline_s=message.deadline_s,
         tls=message.tls,
     )
-
-
-# --- workload specs ----------------------------------------------------------------------
-
-
-def spec_to_proto(spec: VmSpec, priority: int = 0) -> pb.WorkloadSpec:
-    message = pb.WorkloadSpec(
-        name=spec.name,
-        vcpus=spec.vcpus,
-        memory_mib=spec.memory_mib,
-        arch=spec.arch,
-        priority=priority,
-        network=spec.network,
-    )
-    if isinstance(spec.boot, KernelBoot):
-        message.kernel.CopyFrom(
-            pb.KernelBoot(
-                kernel_sha256=spec.boot.kernel_sha256,
-                initrd_sha256=spec.boot.initrd_sha256 or "",
-                cmdline=spec.boot.cmdline,
-            )
-        )
-    else:
-        message.disk.CopyFrom(pb.DiskBoot(disk_sha256=spec.boot.disk_sha256))
-    return message
-
-
-def spec_from_proto(message: pb.WorkloadSpec, path: str = "spec") -> tuple[VmSpec, int]:
-    """(VmSpec, priority). Raises WireError naming the field."""
-    boot: KernelBoot | DiskBoot
-    try:
-        kind = message.WhichOneof("boot")
-        if kind == "kernel":
-            boot = KernelBoot(
-                kernel_sha256=message.kernel.kernel_sha256,
-                initrd_sha256=message.kernel.initrd_sha256 or None,
-                cmdline=message.kernel.cmdline or "console=ttyS0",
-            )
-        elif kind == "disk":
-            boot = DiskBoot(disk_sha256=message.disk.disk_sha256)
-        else:
-            raise ValueError("boot: give a kernel or a disk")
-        spec = VmSpec(
-            name=message.name,
-            vcpus=message.vcpus,
-            memory_mib=message.memory_mib,
-            boot=boot,
-            network=message.network,
-            arch=message.arch or "x86_64",
-        )
-    except ValueError as error:
-        raise WireError(f"{path}.{error}") from None
-    if not -MAX_PRIORITY <= message.priority <= MAX_PRIORITY:
-        raise WireError(f"{path}.priority: {message.priority} is outside ±{MAX_PRIORITY}")
-    return spec, message.priority
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -445,14 +378,14 @@ def command_from_proto(wire: pb.Command) -> link.Command:
         message = link.Ack(event_seq=wire.ack.event_seq, lease_until=moment(wire.ack.lease_until))
     elif kind == "welcome":
         message = link.Welcome(
-            donor_id=_identifier("welcome.donor_id", wire.welcome.donor_id),
+            donor_id=identifier("welcome.donor_id", wire.welcome.donor_id),
             lease_ttl_s=wire.welcome.lease_ttl_s,
             report_interval_s=wire.welcome.report_interval_s,
         )
     elif kind == "run":
         spec, priority = spec_from_proto(wire.run.spec, "run.spec")
         message = link.RunWorkload(
-            workload_id=_identifier("run.workload_id", wire.run.workload_id),
+            workload_id=identifier("run.workload_id", wire.run.workload_id),
             epoch=wire.run.epoch,
             spec=spec,
             priority=priority,
@@ -463,22 +396,22 @@ def command_from_proto(wire: pb.Command) -> link.Command:
     elif kind == "prepare":
         spec, _ = spec_from_proto(wire.prepare.spec, "prepare.spec")
         message = link.PrepareMigration(
-            workload_id=_identifier("prepare.workload_id", wire.prepare.workload_id),
+            workload_id=identifier("prepare.workload_id", wire.prepare.workload_id),
             epoch=wire.prepare.epoch,
             spec=spec,
-            source_donor_id=_identifier("prepare.source_donor_id", wire.prepare.source_donor_id),
+            source_donor_id=identifier("prepare.source_donor_id", wire.prepare.source_donor_id),
         )
     elif kind == "stop":
         message = link.StopWorkload(
-            workload_id=_identifier("stop.workload_id", wire.stop.workload_id),
+            workload_id=identifier("stop.workload_id", wire.stop.workload_id),
             epoch=wire.stop.epoch,
-            reason=_text("stop.reason", wire.stop.reason),
+            reason=text("stop.reason", wire.stop.reason),
         )
     elif kind == "evacuate":
         message = link.Evacuate(
-            workload_id=_identifier("evacuate.workload_id", wire.evacuate.workload_id),
+            workload_id=identifier("evacuate.workload_id", wire.evacuate.workload_id),
             epoch=wire.evacuate.epoch,
-            target_donor_id=_identifier("evacuate.target_donor_id", wire.evacuate.target_donor_id),
+            target_donor_id=identifier("evacuate.target_donor_id", wire.evacuate.target_donor_id),
             target=migration_target_from_proto(wire.evacuate.target, "evacuate.target")
             if wire.evacuate.HasField("target")
             else None,
@@ -489,7 +422,7 @@ def command_from_proto(wire: pb.Command) -> link.Command:
         )
     elif kind == "checkpoint":
         message = link.Checkpoint(
-            workload_id=_identifier("checkpoint.workload_id", wire.checkpoint.workload_id),
+            workload_id=identifier("checkpoint.workload_id", wire.checkpoint.workload_id),
             epoch=wire.checkpoint.epoch,
             upload=wire.checkpoint.upload,
             keep_running=wire.checkpoint.keep_running,
@@ -497,73 +430,3 @@ def command_from_proto(wire: pb.Command) -> link.Command:
     else:
         raise WireError("kind: the command carries nothing known")
     return link.Command(seq=wire.seq, message=message)
-
-
-# --- admin views ---------------------------------------------------------------------------
-
-_WORKLOAD_STATES = {
-    WorkloadState.QUEUED: pb.WORKLOAD_STATE_QUEUED,
-    WorkloadState.ASSIGNED: pb.WORKLOAD_STATE_ASSIGNED,
-    WorkloadState.RUNNING: pb.WORKLOAD_STATE_RUNNING,
-    WorkloadState.PAUSED: pb.WORKLOAD_STATE_PAUSED,
-    WorkloadState.EVACUATING: pb.WORKLOAD_STATE_EVACUATING,
-    WorkloadState.CHECKPOINTED: pb.WORKLOAD_STATE_CHECKPOINTED,
-    WorkloadState.CANCELLED: pb.WORKLOAD_STATE_CANCELLED,
-    WorkloadState.FAILED: pb.WORKLOAD_STATE_FAILED,
-}
-_WORKLOAD_STATES_BACK = {wire: state for state, wire in _WORKLOAD_STATES.items()}
-
-
-def workload_state_from_proto(wire: pb.WorkloadState.ValueType) -> WorkloadState:
-    try:
-        return _WORKLOAD_STATES_BACK[wire]
-    except KeyError:
-        raise WireError(f"state: {wire} is not a known workload state") from None
-
-
-def workload_to_proto(record: WorkloadRecord) -> pb.Workload:
-    message = pb.Workload(
-        id=record.workload_id,
-        spec=spec_to_proto(record.spec, record.priority),
-        state=_WORKLOAD_STATES[record.state],
-        donor_id=record.donor_id or "",
-        epoch=record.epoch,
-        created_at=timestamp(record.created_at),
-        updated_at=timestamp(record.updated_at),
-        detail=record.detail,
-    )
-    if record.lease_until is not None:
-        message.lease_until.CopyFrom(timestamp(record.lease_until))
-    if record.checkpoint is not None:
-        message.checkpoint.CopyFrom(checkpoint_to_proto(record.checkpoint))
-    return message
-
-
-def workload_event_to_proto(event: WorkloadEvent) -> pb.WorkloadEvent:
-    return pb.WorkloadEvent(
-        at=timestamp(event.at),
-        kind=event.kind,
-        donor_id=event.donor_id or "",
-        epoch=event.epoch,
-        detail=event.detail,
-    )
-
-
-def donor_to_proto(
-    record: DonorRecord, *, connected: bool, workload_ids: Sequence[str]
-) -> pb.Donor:
-    message = pb.Donor(
-        id=record.donor_id,
-        hostname=record.hostname,
-        connected=connected,
-        drained=record.drained,
-        revoked=record.revoked,
-        lost=record.lost,
-        enrolled_at=timestamp(record.enrolled_at),
-        workload_ids=list(workload_ids),
-    )
-    if record.capacity is not None:
-        message.capacity.CopyFrom(capacity_to_proto(record.capacity))
-    if record.last_seen is not None:
-        message.last_seen.CopyFrom(timestamp(record.last_seen))
-    return message

@@ -1,4 +1,4 @@
-"""Proto ↔ domain conversion: the only module that knows both (STYLE.md 10).
+"""Proto ↔ domain conversion for the agent's local API: the only module that knows both.
 
 Wire types never enter the domain; servicers and clients call these functions.
 """
@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from donor_app.agent.history import HourBucket, Totals
-from donor_app.agent.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.guest import GuestState
+from donor_app.domain.history import HourBucket, Totals
+from donor_app.domain.status import AgentStatus, GuestMove, GuestSnapshot, LinkState, LinkStatus
 from donor_app.proto.v1 import agent_pb2 as pb
 
 _LEVELS = {
@@ -22,6 +23,19 @@ _LEVELS = {
     Level.CHECKPOINT: pb.LEVEL_CHECKPOINT,
 }
 _LEVELS_BACK = {wire: level for level, wire in _LEVELS.items()}
+
+# A guest's state on this API is a word; a stopped or crashed guest has always been sent
+# as libvirt names it.
+_GUEST_STATES = {
+    GuestState.STARTING: "starting",
+    GuestState.RUNNING: "running",
+    GuestState.PAUSED: "paused",
+    GuestState.CHECKPOINTED: "checkpointed",
+    GuestState.STOPPED: "shutoff",
+    GuestState.FAILED: "crashed",
+    GuestState.OTHER: "other",
+}
+_GUEST_STATES_BACK = {wire: state for state, wire in _GUEST_STATES.items()}
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -45,6 +59,27 @@ def level_from_proto(wire: pb.Level.ValueType) -> Level:
         raise ValueError(f"level: {wire} is not a known level") from None
 
 
+def guest_state_to_wire(state: GuestState) -> str:
+    return _GUEST_STATES[state]
+
+
+def guest_state_from_wire(path: str, wire: str) -> GuestState:
+    """The guest state a word from the wire names (ValueError naming `path` if none)."""
+    try:
+        return _GUEST_STATES_BACK[wire]
+    except KeyError:
+        raise ValueError(f"{path}: {wire[:40]!r} is not a known guest state") from None
+
+
+def link_state_from_wire(path: str, wire: str) -> LinkState:
+    """The link state a word from the wire names, NOT_CONFIGURED for none (ValueError
+    naming `path` for an unknown word)."""
+    try:
+        return LinkState(wire or LinkState.NOT_CONFIGURED)
+    except ValueError:
+        raise ValueError(f"{path}: {wire[:40]!r} is not a known link state") from None
+
+
 def status_to_proto(status: AgentStatus) -> pb.Status:
     decision = status.decision
     message = pb.Status(
@@ -58,14 +93,14 @@ def status_to_proto(status: AgentStatus) -> pb.Status:
         user_agent=status.user_agent,
         coordinator=pb.CoordinatorLink(
             address=status.coordinator.address,
-            state=status.coordinator.state,
+            state=LinkState(status.coordinator.state).value,
             detail=status.coordinator.detail,
             donor_id=status.coordinator.donor_id,
         ),
         guests=[
             pb.GuestStatus(
                 name=g.name,
-                state=g.state,
+                state=guest_state_to_wire(g.state),
                 cpu_percent=g.cpu_percent,
                 memory_mib=g.memory_mib,
                 cpu_cap_percent=g.cpu_cap_percent,
@@ -102,8 +137,14 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
         at=moment(message.at),
         decision=decision,
         guests=tuple(
-            GuestSnapshot(g.name, g.state, g.cpu_percent, g.memory_mib, g.cpu_cap_percent)
-            for g in message.guests
+            GuestSnapshot(
+                g.name,
+                guest_state_from_wire(f"guests[{i}].state", g.state),
+                g.cpu_percent,
+                g.memory_mib,
+                g.cpu_cap_percent,
+            )
+            for i, g in enumerate(message.guests)
         ),
         snoozed_until=moment(message.snoozed_until) if message.HasField("snoozed_until") else None,
         snoozed_indefinitely=message.snoozed_indefinitely,
@@ -111,7 +152,7 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
         user_agent=message.user_agent,
         coordinator=LinkStatus(
             address=message.coordinator.address,
-            state=message.coordinator.state or "not_configured",
+            state=link_state_from_wire("coordinator.state", message.coordinator.state),
             detail=message.coordinator.detail,
             donor_id=message.coordinator.donor_id,
         ),

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from donor_app.atomic_file import write_atomic
+
 APP_ID = "donor-app"
 LAUNCH_AGENT_LABEL = "org.donor_app.tray"
 RUN_KEY = r"Software\Microsoft\Windows\CurrentVersion\Run"
@@ -140,9 +142,7 @@ class Autostart:
             else xdg_desktop_entry(command).encode()
         )
         file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = file.with_name(f".{file.name}.tmp")
-        temporary.write_bytes(content)
-        os.replace(temporary, file)
+        write_atomic(file, content, 0o644)
 
     def disable(self) -> None:
         """No autostart (idempotent)."""

@@ -1,9 +1,9 @@
 """Where the agent keeps its coordinator credential: the OS keyring, else a 0600 file.
 
-Design ("Security"): secrets go into the OS keyring through `keyring`; where there is
-none (a headless service: no D-Bus session, so keyring picks its `fail` backend, see
-HOST-FACTS.md "Secrets") they go into a 0600 file in the service's state directory, and
-the log says which. The backend is chosen on first use, never at import.
+Secrets go into the OS keyring through `keyring` (docs/design.md, "Security"); where
+there is none (a headless service: no D-Bus session, so keyring picks its `fail`
+backend and raises `NoKeyringError`) they go into a 0600 file in the service's state
+directory, and the log says which. The backend is chosen on first use, never at import.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import keyring.backend
 import keyring.backends.fail
 import keyring.errors
 
-from donor_app.agent.credentials import DonorCredentials
+from donor_app.atomic_file import write_atomic
+from donor_app.settings.credentials import DonorCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class CredentialStore:
                     self._remove_file()
                     return
             _ensure_private_dir(self._file.parent)
-            _write_atomically(self._file, text.encode("ascii"))
+            # A crash leaves the old or the new credential, never half of one.
+            write_atomic(self._file, text.encode("ascii"), 0o600)
 
     def delete(self) -> None:
         """Forget the credential wherever it is stored (absent is fine)."""
@@ -162,7 +163,7 @@ def _usable_keyring() -> tuple[keyring.backend.KeyringBackend | None, str]:
     if isinstance(backend, keyring.backends.fail.Keyring):
         return None, "no keyring is available (no Secret Service / D-Bus session?)"
     # keyrings.alt stores plaintext in the home directory: no better than our 0600 file
-    # and not what an owner expects from "the keyring" (HOST-FACTS.md "Secrets").
+    # and not what an owner expects from "the keyring".
     if type(backend).__module__.startswith("keyrings.alt"):
         return None, f"the keyring backend {_backend_name(backend)} is not a secure store"
     return backend, ""
@@ -200,25 +201,3 @@ def _tighten_mode(file: Path) -> None:
     if mode & 0o077:
         logger.warning("credentials: %s had mode %o; setting 600", file, mode)
         os.chmod(file, 0o600)
-
-
-def _write_atomically(file: Path, data: bytes) -> None:
-    """A crash leaves the old or the new credential, never half of one; mkstemp creates
-    the temporary file 0600, so the secret is never readable by others."""
-    fd, temporary = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, file)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    if os.name == "posix":
-        directory = os.open(file.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)

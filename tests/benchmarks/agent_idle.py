@@ -4,7 +4,7 @@ A real `donor-agent` process with two tiny guests (sleeping, so they do not comp
 the cores): the first half of the window both run (the owner is away), the second half
 both are paused (snoozed through the local API), so the agent spends the window with
 running and with paused guests. Only the agent process is measured, not QEMU.
-Targets (issue 3): ≤ 0.5 % of one core and ≤ 80 MiB.
+Targets: ≤ 0.5 % of one core and ≤ 80 MiB.
 
     python tests/benchmarks/agent_idle.py [--seconds 60]
 """

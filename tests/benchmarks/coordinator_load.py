@@ -29,7 +29,7 @@ are connected and a warm-up, a window is measured. Per run:
   which runs the coordinator unchanged), the generator's own GC pauses and loop lag.
 
 Nothing is cached between runs: each run has a new coordinator, data dir, CA, token,
-database and donors. Targets (issue 4): 10,000 donors held, 2,000 updates/s,
+database and donors. Targets: 10,000 donors held, 2,000 updates/s,
 p99 ≤ 50 ms, RSS ≤ 1 GiB; `targets_met` is judged on the runs with 10,000 donors.
 
     python tests/benchmarks/coordinator_load.py [--donors 1000,5000,10000]
@@ -231,13 +231,16 @@ class Coordinator:
 
 
 @contextmanager
-def running_coordinator(
+def coordinator_process(
     data_dir: Path,
     store_url: str | None,
     interval_s: float,
     core: int | None,
     experiments: tuple[str, ...] = (),
 ) -> Iterator[Coordinator]:
+    """`donor-coordinator serve` in a process of its own, pinned to `core`, so that its
+    CPU and RSS are measured apart from the load generator (the tests' in-process one is
+    `tests.coordinator_helpers.running_coordinator`)."""
     log_file = data_dir.parent / f"{data_dir.name}.log"
     probe_file = data_dir.parent / f"{data_dir.name}.probe"
     argv = [
@@ -656,7 +659,7 @@ def run_once(
     log.info("%s, %d donors: starting the coordinator in %s", store, donors, data_dir)
     with ExitStack() as stack:
         coordinator = stack.enter_context(
-            running_coordinator(
+            coordinator_process(
                 data_dir, store_url, args.interval, args.coordinator_core, experiments(args)
             )
         )
@@ -944,7 +947,7 @@ def main() -> int:
         # Experiments on the coordinator's interpreter (none: as shipped).
         "coordinator_experiments": " ".join(experiments(args)) or None,
         "targets": TARGETS,
-        # The issue's targets are for 10,000 donors: None when no run had that many.
+        # The targets are for 10,000 donors: None when no run had that many.
         "targets_met": all(all(r.get("targets_met", {"ran": False}).values()) for r in at_target)
         if at_target
         else None,

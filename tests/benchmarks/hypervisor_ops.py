@@ -3,7 +3,7 @@
 A real tiny guest burning CPU (TCG or KVM, as probed), 50 repetitions each:
 suspend, resume and CPU-cap change latency through `Hypervisor`; for caps 10/25/50/100 %
 the QEMU process's measured CPU share over 3 s; save and restore; the balloon to half.
-Targets (issue 2): suspend, resume and cap change p99 ≤ 10 ms; CPU within ±3 points of
+Targets: suspend, resume and cap change p99 ≤ 10 ms; CPU within ±3 points of
 each cap. The last line printed is one JSON object.
 
     python tests/benchmarks/hypervisor_ops.py

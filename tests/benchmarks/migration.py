@@ -10,7 +10,7 @@ prints a counter every 10 ms, watched on both donors' consoles (tests/ticks.py).
 - cold: as many moves through a checkpoint (save, upload, download, restore).
 - failover: a periodic checkpoint taken, the guest's donor is killed (agent, libvirtd and
   QEMU with SIGKILL); time until the guest runs on the other donor.
-Targets on loopback (issue 6): live total ≤ 5 s with downtime ≤ 150 ms; cold ≤ 5 s;
+Targets on loopback: live total ≤ 5 s with downtime ≤ 150 ms; cold ≤ 5 s;
 failover ≤ lease TTL + 10 s.
 
     python tests/benchmarks/migration.py [--moves 10]
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from donor_app.coordinator.admin_client import AdminClient
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.domain.link import MigrationLimits
 from donor_app.proto.v1 import coordinator_pb2 as pb

@@ -1,4 +1,4 @@
-"""Percentiles for the benchmarks' JSON (nearest-rank, as the issues' p50/p99 mean)."""
+"""Percentiles for the benchmarks' JSON (nearest-rank, as their targets' p50/p99 mean)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A real `donor-agent` with the tiny guest (sleeping, so it does not compete for t
 cores) publishes a status every few seconds; `donor-app` runs on Xvfb with a real tray
 host (trayer), its icon embedded, its input listener on, following those updates. Only
 the tray process is measured, over `--seconds` after it has settled.
-Targets (issue 5): ≤ 0.3 % of one core and ≤ 120 MiB.
+Targets: ≤ 0.3 % of one core and ≤ 120 MiB.
 
     python tests/benchmarks/tray_idle.py [--seconds 60]
 """

@@ -8,7 +8,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 # devtmpfs provides /dev/ttyS0; without it the console writes go nowhere.
 mount -t devtmpfs dev /dev
-# Order matters: each module needs the ones before it (HOST-FACTS.md).
+# Order matters: each module needs the ones before it.
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
     insmod "/lib/modules/$m.ko"
 done

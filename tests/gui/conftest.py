@@ -1,20 +1,17 @@
-"""Qt tests run offscreen, against a real agent (engine + local API on a temp socket,
-libvirt's test:/// driver with one guest), as tests/integration builds it."""
+"""Qt tests run offscreen, against a real agent in the test's process (engine + local API
+on a temp socket, libvirt's test:/// driver with one guest: tests/agent_in_process.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 # Before any QApplication exists: no display needed, and Qt must not autolaunch a
-# session bus per test (HOST-FACTS, "Desktop").
+# session bus per test.
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 os.environ["DBUS_SESSION_BUS_ADDRESS"] = "disabled:"
 # Qt's GLib event dispatcher takes GLib's default main context for the main thread;
@@ -24,104 +21,68 @@ os.environ["DBUS_SESSION_BUS_ADDRESS"] = "disabled:"
 # process: the tray talks to the agent over its socket.
 os.environ["QT_NO_GLIB"] = "1"
 
-from donor_app.agent.engine import Engine
-from donor_app.agent.history import History
-from donor_app.agent.local_api import LocalApiServer
-from donor_app.agent.local_client import AgentClient
-from donor_app.domain.readings import HostReading
-from donor_app.domain.vm import KernelBoot, VmSpec
-from donor_app.hypervisor.host import Hypervisor
-from donor_app.hypervisor.images import ImageCache
-from donor_app.settings.config import SettingsStore
+import shiboken6
+from PySide6.QtCore import QObject
+from PySide6.QtWidgets import QWidget
+from pytestqt.qtbot import QtBot
+
+from tests.agent_in_process import InProcessAgent, in_process_agent
+
+MakeAgent = Callable[..., InProcessAgent]
 
 
-class QuietHost:
-    """The owner's machine, idle: a stand-in for the psutil sensor (tested on its own)."""
+def delete_now(*objects: QObject | None) -> None:
+    """Close and delete these Qt objects now; ones already deleted (or None) are skipped.
 
-    def read(self) -> HostReading:
-        return HostReading(owner_cpu_percent=1.0, total_memory_mib=16384, cpu_count=4)
-
-
-@dataclass
-class Agent:
-    root: Path
-    socket: Path
-    settings_file: Path
-    engine: Engine
-    history: History
-    client: AgentClient
-    api: LocalApiServer | None
-
-    def stop_api(self) -> None:
-        """The agent stops answering (as when it is restarted)."""
-        if self.api is not None:
-            self.api.stop(grace_s=0)
-            self.api = None
-
-    def start_api(self) -> None:
-        self.api = LocalApiServer(self.engine, self.history, self.socket)
-        self.api.start()
+    Left to Python, a widget the test created is deleted when its wrapper is freed: if the
+    wrapper is caught in a reference cycle, that is whenever the cyclic garbage collector
+    runs next, and a Python paintEvent allocates enough to start a collection. A widget
+    deleted under an active QPainter (this one's dialog, or another top-level) kills the
+    test process with a segmentation fault. Deleted here, it goes at a known point where
+    no event handler runs; a wrapper collected later is only an empty shell.
+    """
+    for obj in objects:
+        if obj is None or not shiboken6.isValid(obj):
+            continue
+        if isinstance(obj, QWidget):
+            obj.close()
+        shiboken6.delete(obj)
 
 
-MakeAgent = Callable[..., Agent]
+@pytest.fixture
+def qtbot(qtbot: QtBot) -> Iterator[QtBot]:
+    """pytest-qt's qtbot, but `addWidget` also holds the widget until the test's teardown
+    and then deletes it with `delete_now` (pytest-qt holds widgets only weakly and leaves
+    their deletion to Python)."""
+    kept: list[QWidget] = []
+    add = qtbot.addWidget
+
+    def add_and_keep(
+        widget: QWidget, *, before_close_func: Callable[[QWidget], None] | None = None
+    ) -> None:
+        add(widget, before_close_func=before_close_func)
+        kept.append(widget)
+
+    qtbot.addWidget = add_and_keep  # type: ignore[method-assign]
+    yield qtbot
+    delete_now(*reversed(kept))
 
 
 @pytest.fixture
 def make_agent() -> Iterator[MakeAgent]:
     """`make_agent(settings_toml="", fleet_toml="", history=[(when, cpu_s, gib_h)])`."""
-    cleanups: list[Callable[[], None]] = []
+    with ExitStack() as agents:
 
-    def make(
-        settings_toml: str = "idle_after = 1\n",
-        fleet_toml: str = "",
-        history: list[tuple[datetime, float, float]] = (),  # type: ignore[assignment]
-    ) -> Agent:
-        # A short path: Unix socket paths are limited to 108 bytes.
-        root = Path(tempfile.mkdtemp(prefix="dg-", dir="/tmp"))
-        node = root / "node.xml"
-        node.write_text("<node/>\n")
-        cache = ImageCache(root / "images")
-        kernel = root / "kernel"
-        kernel.write_bytes(b"test:/// boots nothing")
-        hv = Hypervisor.open(f"test://{node}", images=cache, state_dir=root / "state")
-        hv.create(VmSpec("g1", 1, 256, KernelBoot(cache.add_file(kernel))))
-        settings_file = root / "config" / "settings.toml"
-        settings_file.parent.mkdir()
-        settings_file.write_text(settings_toml)
-        if fleet_toml:
-            (root / "fleet.toml").write_text(fleet_toml)
-        store = History.open(root / "history.sqlite3")
-        for when, cpu_seconds, gib_hours in history:
-            store.record(when, "g1", cpu_seconds, gib_hours)
-        engine = Engine(
-            hv,
-            SettingsStore(settings_file, root / "fleet.toml"),
-            QuietHost(),
-            history=store,
-            tick_s=0.1,
-            status_every_s=0.2,
-        )
-        engine.start()
-        socket = root / "run" / "agent.sock"
-        agent = Agent(root, socket, settings_file, engine, store, AgentClient(socket), None)
-        agent.start_api()
+        def make(
+            settings_toml: str = "idle_after = 1\n",
+            fleet_toml: str = "",
+            history: Sequence[tuple[datetime, float, float]] = (),
+        ) -> InProcessAgent:
+            return agents.enter_context(in_process_agent(settings_toml, fleet_toml, history))
 
-        def cleanup() -> None:
-            agent.client.close()
-            agent.stop_api()
-            engine.stop()
-            store.close()
-            hv.close()
-            shutil.rmtree(root, ignore_errors=True)
-
-        cleanups.append(cleanup)
-        return agent
-
-    yield make
-    for cleanup in reversed(cleanups):
-        cleanup()
+        yield make
 
 
 @pytest.fixture
-def agent(make_agent: MakeAgent) -> Agent:
+def agent(make_agent: MakeAgent) -> InProcessAgent:
     return make_agent()

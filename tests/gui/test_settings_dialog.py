@@ -13,7 +13,8 @@ from donor_app.agent.local_client import AgentClient
 from donor_app.domain.settings import Settings, Weekday
 from donor_app.gui.settings_dialog import SettingsDialog
 from donor_app.settings.autostart import Autostart, xdg_desktop_entry
-from tests.gui.conftest import Agent, MakeAgent
+from tests.agent_in_process import InProcessAgent
+from tests.gui.conftest import MakeAgent
 from tests.waiting import wait_for
 
 SETTINGS = """\
@@ -40,14 +41,16 @@ end = "08:00"
 """
 
 
-def send(agent: Agent, settings: Settings) -> None:
+def send(agent: InProcessAgent, settings: Settings) -> None:
     """As the tray saves: a fresh connection per call (a channel that failed backs off
     on its own, for up to minutes)."""
     with AgentClient(agent.socket) as client:
         client.update_settings(settings)
 
 
-def open_dialog(qtbot: QtBot, agent: Agent, autostart: Autostart | None = None) -> SettingsDialog:
+def open_dialog(
+    qtbot: QtBot, agent: InProcessAgent, autostart: Autostart | None = None
+) -> SettingsDialog:
     settings, locked = agent.client.settings()
     dialog = SettingsDialog(
         settings,
@@ -210,7 +213,9 @@ def test_cancel_changes_nothing(qtbot: QtBot, make_agent: MakeAgent, tmp_path: P
     assert not autostart.is_enabled()
 
 
-def test_start_at_login_is_applied_on_save(qtbot: QtBot, agent: Agent, tmp_path: Path) -> None:
+def test_start_at_login_is_applied_on_save(
+    qtbot: QtBot, agent: InProcessAgent, tmp_path: Path
+) -> None:
     autostart = Autostart(platform="linux", environ={}, home=tmp_path)
     dialog = open_dialog(qtbot, agent, autostart)
     assert not dialog.start_at_login.isChecked()
@@ -225,7 +230,7 @@ def test_start_at_login_is_applied_on_save(qtbot: QtBot, agent: Agent, tmp_path:
     assert not file.exists()
 
 
-def test_dragging_over_the_grid_adds_a_window(qtbot: QtBot, agent: Agent) -> None:
+def test_dragging_over_the_grid_adds_a_window(qtbot: QtBot, agent: InProcessAgent) -> None:
     dialog = open_dialog(qtbot, agent)
     dialog.tabs.setCurrentWidget(dialog.schedule)
     grid = dialog.schedule.grid
@@ -246,7 +251,9 @@ def test_dragging_over_the_grid_adds_a_window(qtbot: QtBot, agent: Agent) -> Non
     assert len(entry.window.days) == 5
 
 
-def test_a_broken_settings_file_is_shown_and_saving_replaces_it(qtbot: QtBot, agent: Agent) -> None:
+def test_a_broken_settings_file_is_shown_and_saving_replaces_it(
+    qtbot: QtBot, agent: InProcessAgent
+) -> None:
     agent.settings_file.write_text("idle_after = 'soon'\n")
     status = wait_for(
         lambda: (s := agent.client.status()).settings_error and s, 15, "the agent to see the error"

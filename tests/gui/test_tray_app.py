@@ -12,27 +12,32 @@ import pytest
 from PySide6.QtWidgets import QMessageBox, QSystemTrayIcon
 from pytestqt.qtbot import QtBot
 
-from donor_app.agent.status import GuestMove
 from donor_app.domain.decision import Cause
 from donor_app.domain.settings import EVERY_DAY, DonationWindow, Window
+from donor_app.domain.status import GuestMove
 from donor_app.gui.app import TrayApp, TrayOptions
 from donor_app.gui.charts_data import Span
 from donor_app.gui.fallback_window import NO_TRAY_MESSAGE
 from donor_app.gui.presenter import Action, TrayState
-from tests.gui.conftest import Agent, MakeAgent
+from tests.agent_in_process import InProcessAgent
+from tests.gui.conftest import MakeAgent, delete_now
 
 DEADLINE_MS = 10_000
 
 
 @pytest.fixture
-def tray(qtbot: QtBot, agent: Agent) -> Iterator[TrayApp]:
+def tray(qtbot: QtBot, agent: InProcessAgent) -> Iterator[TrayApp]:
     app = TrayApp(TrayOptions(socket=agent.socket))
     app.start()
     yield app
     app.stop()
-    for widget in (app.window, app.settings_dialog, app.activity_window):
-        if widget is not None:
-            widget.close()
+    delete_tray(app)
+
+
+def delete_tray(app: TrayApp) -> None:
+    """Its windows, its menu and the app itself, now rather than whenever Python frees
+    them (see `delete_now`)."""
+    delete_now(app.window, app.settings_dialog, app.activity_window, app.menu, app)
 
 
 def wait_state(qtbot: QtBot, tray: TrayApp, state: TrayState, ms: int = DEADLINE_MS) -> None:
@@ -60,7 +65,7 @@ def test_without_a_tray_host_a_window_says_so(qtbot: QtBot, tray: TrayApp) -> No
 
 
 def test_the_menu_follows_the_status_and_pausing_snoozes_the_agent(
-    qtbot: QtBot, tray: TrayApp, agent: Agent
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
 ) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     rows = menu_rows(tray)
@@ -83,7 +88,9 @@ def test_the_menu_follows_the_status_and_pausing_snoozes_the_agent(
     wait_state(qtbot, tray, TrayState.DONATING)
 
 
-def test_the_menu_lists_recent_guest_moves(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_the_menu_lists_recent_guest_moves(
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
+) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     moved_at = datetime.now().astimezone()
     move = GuestMove(moved_at, "w-3f2a9c0d11223344", "arrived", "d-91c0aa5500112233", "live")
@@ -97,7 +104,7 @@ def test_the_menu_lists_recent_guest_moves(qtbot: QtBot, tray: TrayApp, agent: A
     assert not line.isEnabled()  # information, not an action
 
 
-def test_pause_until_i_resume(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_pause_until_i_resume(qtbot: QtBot, tray: TrayApp, agent: InProcessAgent) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     tray.run_action(Action.PAUSE_INDEFINITELY)
     assert agent.client.status().snoozed_indefinitely
@@ -106,7 +113,7 @@ def test_pause_until_i_resume(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None
 
 
 def test_losing_the_agent_shows_disconnected_and_recovers(
-    qtbot: QtBot, tray: TrayApp, agent: Agent
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
 ) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     agent.stop_api()
@@ -121,7 +128,9 @@ def test_losing_the_agent_shows_disconnected_and_recovers(
     assert menu_rows(tray)["pause_1h"][1]
 
 
-def test_a_failing_action_is_shown_not_swallowed(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_a_failing_action_is_shown_not_swallowed(
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
+) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     agent.stop_api()
     tray.run_action(Action.PAUSE_4H)
@@ -131,7 +140,9 @@ def test_a_failing_action_is_shown_not_swallowed(qtbot: QtBot, tray: TrayApp, ag
     assert error.text().startswith("Pause for 4 hours failed: agent:")
 
 
-def test_stopping_for_the_schedule_is_announced(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_stopping_for_the_schedule_is_announced(
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
+) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     settings, _ = agent.client.settings()
     now = datetime.now().astimezone()
@@ -148,7 +159,9 @@ def test_stopping_for_the_schedule_is_announced(qtbot: QtBot, tray: TrayApp, age
     assert tray.window is not None and tray.window.note.text().startswith("Donating stopped:")
 
 
-def test_owner_activity_is_not_announced(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_owner_activity_is_not_announced(
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
+) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     agent.client.report_activity(datetime.now().astimezone(), 3)
     wait_state(qtbot, tray, TrayState.PAUSED)
@@ -156,7 +169,9 @@ def test_owner_activity_is_not_announced(qtbot: QtBot, tray: TrayApp, agent: Age
     assert tray.notices_shown == []
 
 
-def test_about_names_the_socket_and_the_agent(qtbot: QtBot, tray: TrayApp, agent: Agent) -> None:
+def test_about_names_the_socket_and_the_agent(
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
+) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     tray.run_action(Action.ABOUT)
     box = tray.window.findChild(QMessageBox, "about_box")  # type: ignore[union-attr]
@@ -167,7 +182,7 @@ def test_about_names_the_socket_and_the_agent(qtbot: QtBot, tray: TrayApp, agent
 
 
 def test_settings_open_from_the_menu_and_save_through_the_agent(
-    qtbot: QtBot, tray: TrayApp, agent: Agent
+    qtbot: QtBot, tray: TrayApp, agent: InProcessAgent
 ) -> None:
     wait_state(qtbot, tray, TrayState.DONATING)
     tray.run_action(Action.SETTINGS)
@@ -206,7 +221,4 @@ def test_the_activity_window_shows_the_agents_history(qtbot: QtBot, make_agent: 
         assert window.span is Span.WEEK and len(window.cpu_chart.values) >= 168
     finally:
         tray.stop()
-        if tray.window is not None:
-            tray.window.close()
-        if tray.activity_window is not None:
-            tray.activity_window.close()
+        delete_tray(tray)

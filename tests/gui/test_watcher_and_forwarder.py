@@ -7,12 +7,12 @@ from datetime import datetime
 
 from donor_app.activity.ports import OnInput
 from donor_app.agent.local_client import AgentClient
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Level
+from donor_app.domain.status import AgentStatus
 from donor_app.gui.activity_forwarder import ActivityForwarder
 from donor_app.gui.backoff import Backoff
 from donor_app.gui.status_watcher import StatusWatcher, agent_client_factory
-from tests.gui.conftest import Agent
+from tests.agent_in_process import InProcessAgent
 from tests.waiting import wait_for
 
 
@@ -34,7 +34,7 @@ class Recorder:
 class CountingConnect:
     """A real client factory that counts connection attempts."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: InProcessAgent) -> None:
         self._make = agent_client_factory(agent.socket)
         self.attempts = 0
 
@@ -43,7 +43,7 @@ class CountingConnect:
         return self._make()
 
 
-def test_watcher_follows_loses_and_regains_the_agent(agent: Agent) -> None:
+def test_watcher_follows_loses_and_regains_the_agent(agent: InProcessAgent) -> None:
     record = Recorder()
     connect = CountingConnect(agent)
     watcher = StatusWatcher(
@@ -70,7 +70,7 @@ def test_watcher_follows_loses_and_regains_the_agent(agent: Agent) -> None:
         watcher.stop()
 
 
-def test_watcher_without_an_agent_reports_once_and_stops_promptly(agent: Agent) -> None:
+def test_watcher_without_an_agent_reports_once_and_stops_promptly(agent: InProcessAgent) -> None:
     record = Recorder()
     agent.stop_api()
     watcher = StatusWatcher(agent_client_factory(agent.socket), record.status, record.lose)
@@ -112,25 +112,42 @@ class ScriptedInput:
             self._on_input()
 
 
-def test_input_reaches_the_agent_at_once_and_bursts_are_batched(agent: Agent) -> None:
+class CountedReports:
+    """A real client that also notes how many input events each report carried."""
+
+    def __init__(self, agent: InProcessAgent) -> None:
+        self._client = AgentClient(agent.socket)
+        self.events: list[int] = []
+
+    def report_activity(self, last_input: datetime, events: int) -> None:
+        self._client.report_activity(last_input, events)
+        self.events.append(events)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def test_input_reaches_the_agent_at_once_and_bursts_are_batched(agent: InProcessAgent) -> None:
     wait_for(lambda: agent.engine.level is Level.RUN, 10, "the agent to donate")
     keys = ScriptedInput()
-    forwarder = ActivityForwarder(keys, lambda: AgentClient(agent.socket), interval_s=1.0)
+    reports = CountedReports(agent)
+    forwarder = ActivityForwarder(keys, lambda: reports, interval_s=1.0)
     forwarder.start()
     try:
         keys.press()
         wait_for(lambda: agent.engine.level is Level.PAUSED, 2, "the agent to pause")
         assert agent.client.status().decision.cause is Cause.OWNER_ACTIVE
-        assert forwarder.reports_sent == 1
+        assert reports.events == [1]
         keys.press(200)  # typing: folded into one report after the interval
-        wait_for(lambda: forwarder.reports_sent == 2, 5, "the batched report")
+        wait_for(lambda: len(reports.events) >= 2, 5, "the batched report")
+        assert reports.events == [1, 200]
         assert forwarder.reports_sent == 2
     finally:
         forwarder.stop()
     assert keys.stopped
 
 
-def test_forwarding_survives_the_agent_going_away(agent: Agent) -> None:
+def test_forwarding_survives_the_agent_going_away(agent: InProcessAgent) -> None:
     keys = ScriptedInput()
     connect = CountingConnect(agent)
     forwarder = ActivityForwarder(keys, connect, interval_s=0.05)

@@ -62,8 +62,8 @@ class X11:
         return Box(0, 0, geometry.width, geometry.height)
 
     def tray_host_ready(self) -> bool:
-        """True once a tray host owns the system-tray selection (HOST-FACTS: wait for
-        this before showing an icon, else Qt finds no tray)."""
+        """True once a tray host owns the system-tray selection (wait for this before
+        showing an icon, else Qt finds no tray)."""
         atom = self.display.intern_atom(TRAY_SELECTION)
         return self.display.get_selection_owner(atom) != X.NONE
 

@@ -3,19 +3,15 @@ a coordinator, and the admin's install media (a fleet config + CA) inside the ro
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from donor_app.coordinator.server import CoordinatorServer, ServeOptions
-from tests.coordinator_helpers import RunningCoordinator, running_coordinator
+from tests.coordinator_helpers import RunningCoordinator
 from tests.installer import packages
 from tests.installer.debroot import DebRoot, deb_root
 
@@ -49,12 +45,6 @@ def upgrade_deb() -> Path:
 def root(tmp_path: Path) -> Iterator[DebRoot]:
     with deb_root(tmp_path / "deb-root") as fresh:
         yield fresh
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    with running_coordinator(tmp_path / "coordinator") as running:
-        yield running
 
 
 @dataclass
@@ -112,26 +102,7 @@ def new_token(coordinator: RunningCoordinator, uses: int = 1) -> str:
         return admin.create_token(ttl_s=3600, uses=uses).token
 
 
-@contextmanager
-def coordinator_at(data_dir: Path, listen: str, enroll_listen: str) -> Iterator[RunningCoordinator]:
-    """A coordinator on fixed ports (`running_coordinator` binds port 0), so that it can
-    stop and come back where an installed fleet config expects it."""
-    options = ServeOptions(
-        data_dir=data_dir,
-        listen=listen,
-        enroll_listen=enroll_listen,
-        metrics_listen=None,
-        hostnames=("localhost", "127.0.0.1"),
-    )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="coordinator-loop", daemon=True)
-    thread.start()
-    server = CoordinatorServer(options)
-    try:
-        endpoints = asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
-        yield RunningCoordinator(server, endpoints, loop, data_dir)
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def connected_donors(coordinator: RunningCoordinator) -> list[str]:
+    """The ids of the donors connected to `coordinator` now."""
+    with coordinator.admin() as admin:
+        return [d.id for d in admin.donors() if d.connected]

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator_helpers import RunningCoordinator, enroll, free_port
+from tests.coordinator_helpers import RunningCoordinator, enroll, running_coordinator
 from tests.installer.conftest import (
     UPGRADE_VERSION,
     VERSION,
     Media,
-    coordinator_at,
+    connected_donors,
     fleet_for,
     needs_root_tools,
     new_token,
 )
 from tests.installer.debroot import DebRoot, changed, parse_unit, start_as_unit
+from tests.net import free_port
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, needs_root_tools()]
@@ -55,11 +56,6 @@ def install(root: DebRoot, deb: Path, fleet: str | None = None) -> tuple[int, st
 def mode(path: Path) -> tuple[int, int]:
     st = path.stat()
     return stat.S_IMODE(st.st_mode), st.st_uid
-
-
-def connected_donors(coordinator: RunningCoordinator) -> list[str]:
-    with coordinator.admin() as admin:
-        return [d.id for d in admin.donors() if d.connected]
 
 
 def package_status(root: DebRoot) -> str:
@@ -270,7 +266,9 @@ def test_unreachable_coordinator_installs_and_the_agent_enrolls_once_it_is_up(
 ) -> None:
     listen, enroll_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     data = tmp_path / "coordinator"
-    with coordinator_at(data, listen, enroll_listen) as first_run:  # makes its CA, a token
+    # Fixed ports: the coordinator comes back where the installed fleet config expects it.
+    # Its first run makes its CA and a token.
+    with running_coordinator(data, listen=listen, enroll_listen=enroll_listen) as first_run:
         fleet = fleet_for(first_run, media, new_token(first_run))
     stage(root, deb)
     code, output = install(root, deb, fleet)
@@ -280,7 +278,7 @@ def test_unreachable_coordinator_installs_and_the_agent_enrolls_once_it_is_up(
     agent = start_as_unit(root, UNIT, log, TEST_URI)
     wait_for(lambda: link_state(root) == "disconnected", 180, "the agent to find no coordinator")
     assert root.host("/etc/donor_app/enroll-token").exists()
-    with coordinator_at(data, listen, enroll_listen) as coordinator:
+    with running_coordinator(data, listen=listen, enroll_listen=enroll_listen) as coordinator:
         # Backoff doubles from 1 s (full jitter, 60 s cap): the next try comes within ~30 s.
         wait_for(lambda: connected_donors(coordinator), 180, "the agent to enroll on its own")
     assert agent.poll() is None

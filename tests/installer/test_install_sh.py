@@ -12,7 +12,14 @@ import pytest
 
 from tests.coordinator_helpers import RunningCoordinator
 from tests.installer import packages
-from tests.installer.conftest import VERSION, Media, fleet_for, needs_root_tools, new_token
+from tests.installer.conftest import (
+    VERSION,
+    Media,
+    connected_donors,
+    fleet_for,
+    needs_root_tools,
+    new_token,
+)
 from tests.installer.debroot import DebRoot, changed, parse_unit, start_as_unit
 from tests.waiting import wait_for
 
@@ -32,11 +39,6 @@ def unpack(root: DebRoot, tarball: Path) -> None:
     target = root.host("/srv/media")
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-xzf", str(tarball), "-C", str(target)], check=True)
-
-
-def connected_donors(coordinator: RunningCoordinator) -> list[str]:
-    with coordinator.admin() as admin:
-        return [d.id for d in admin.donors() if d.connected]
 
 
 def test_install_sh_install_reinstall_uninstall_purge(

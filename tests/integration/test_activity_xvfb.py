@@ -11,28 +11,20 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from donor_app.activity.factory import make_idle_counter, make_input_listener
 from donor_app.activity.idle_x11 import X11IdleCounter
 from donor_app.activity.input_pynput import PynputInputListener
+from tests.waiting import wait_for
 from tests.xvfb import running_xvfb
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="X11 / Xvfb is Linux-only here")
 
 DEADLINE_S = 10.0
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    """Poll `condition` until it holds; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -74,19 +66,31 @@ def test_pynput_listener_sees_keys_moves_and_clicks(display: str) -> None:
     try:
         # The move first: a move within 50 ms of another callback would be coalesced.
         xdotool("mousemove", "10", "10")
-        wait_for(lambda: callbacks.count >= 1 and listener.event_count() >= 1, "a move")
+        wait_for(
+            lambda: callbacks.count >= 1 and listener.event_count() >= 1,
+            DEADLINE_S,
+            "a move",
+        )
 
         calls, events = callbacks.count, listener.event_count()
         xdotool("key", "--delay", "0", "a")  # press notifies, release only counts
-        wait_for(lambda: callbacks.count >= calls + 1, "the key's callback")
-        wait_for(lambda: listener.event_count() >= events + 2, "key press and release")
+        wait_for(lambda: callbacks.count >= calls + 1, DEADLINE_S, "the key's callback")
+        wait_for(
+            lambda: listener.event_count() >= events + 2,
+            DEADLINE_S,
+            "key press and release",
+        )
 
         calls, events = callbacks.count, listener.event_count()
+        clicked_at = datetime.now(UTC)
         xdotool("click", "--delay", "0", "1")  # press and release both notify
-        wait_for(lambda: callbacks.count >= calls + 2, "click callbacks")
-        wait_for(lambda: listener.event_count() >= events + 2, "click events")
+        wait_for(lambda: callbacks.count >= calls + 2, DEADLINE_S, "click callbacks")
+        wait_for(lambda: listener.event_count() >= events + 2, DEADLINE_S, "click events")
+        # The click's time, not the key's (seen before the click was sent); 1 ms for the
+        # wall time being derived from the monotonic clock.
         last_input = listener.last_input()
         assert last_input is not None
+        assert last_input >= clicked_at - timedelta(milliseconds=1)
     finally:
         listener.stop()
 
@@ -108,11 +112,16 @@ def test_x11_idle_counter_resets_on_input(display: str) -> None:
             assert seconds is not None
             return seconds
 
-        wait_for(lambda: idle() >= 0.3, "the X server to be idle for a moment")
+        wait_for(
+            lambda: idle() >= 0.3,
+            DEADLINE_S,
+            "the X server to be idle for a moment",
+        )
         before = idle()
         xdotool("mousemove", "200", "200")
-        wait_for(lambda: idle() < before, "the idle time to reset")
-        assert idle() < before
+        # The counter grows again from the reset: checking it once more after the wait
+        # could see it past `before` on a stalled runner.
+        wait_for(lambda: idle() < before, DEADLINE_S, "the idle time to reset")
     finally:
         counter.close()
 

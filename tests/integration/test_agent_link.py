@@ -16,8 +16,9 @@ import pytest
 from donor_app.agent.link.connection import CoordinatorLink
 from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.link.workloads import FleetWorkloads
-from donor_app.agent.status import AgentStatus, GuestMove, LinkStatus
+from donor_app.coordinator.fleet import FleetConfig
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus, GuestMove, LinkStatus
 from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.images import ImageCache
 from donor_app.proto.v1 import coordinator_pb2 as pb
@@ -133,13 +134,9 @@ def donor(tmp_path: Path) -> Iterator[Donor]:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    with running_coordinator(
-        tmp_path / "coordinator",
-        lease_ttl=timedelta(seconds=2),
-        report_interval=timedelta(seconds=1),
-    ) as running:
-        yield running
+def coordinator_fleet() -> FleetConfig:
+    """Short leases, so that a donor that loses its coordinator holds its guests soon."""
+    return FleetConfig(lease_ttl=timedelta(seconds=2), report_interval=timedelta(seconds=1))
 
 
 def _submit(coordinator: RunningCoordinator, tmp_path: Path, name: str = "job") -> pb.Workload:
@@ -277,13 +274,10 @@ def test_a_refused_token_is_reported_not_retried_in_a_loop(
 
 
 def test_a_lease_that_cannot_be_renewed_holds_the_fleet_guests_paused(
-    donor: Donor, tmp_path: Path
+    donor: Donor, tmp_path: Path, coordinator_fleet: FleetConfig
 ) -> None:
-    with running_coordinator(
-        tmp_path / "coordinator",
-        lease_ttl=timedelta(seconds=2),
-        report_interval=timedelta(seconds=1),
-    ) as coordinator:
+    # A coordinator of the test's own: it goes away mid-test.
+    with running_coordinator(tmp_path / "coordinator", fleet=coordinator_fleet) as coordinator:
         with coordinator.admin() as admin:
             token = admin.create_token(3600, 1).token
         link = donor.link(coordinator, token)

@@ -5,95 +5,40 @@ The real QEMU path (and real input under Xvfb) is in tests/e2e/test_agent_e2e.py
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 
-from donor_app.agent.engine import Engine
-from donor_app.agent.history import History
 from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.local_api import AgentAlreadyRunning, LocalApiServer
-from donor_app.agent.local_client import AgentClient, AgentRefused
+from donor_app.agent.local_client import AgentRefused
 from donor_app.domain.decision import Cause, Level
-from donor_app.domain.readings import HostReading
-from donor_app.domain.vm import KernelBoot, VmSpec
-from donor_app.hypervisor.host import GuestState, Hypervisor
-from donor_app.hypervisor.images import ImageCache
+from donor_app.domain.guest import GuestState
 from donor_app.proto.v1 import agent_pb2 as pb
 from donor_app.proto.v1 import agent_pb2_grpc as pb_grpc
-from donor_app.settings.config import SettingsStore, load_settings
+from donor_app.settings.config import load_settings
+from tests.agent_in_process import InProcessAgent, in_process_agent
 from tests.waiting import wait_for
 
 
-class QuietHost:
-    """The owner's machine, idle: a stand-in for the psutil sensor (tested on its own)."""
-
-    def read(self) -> HostReading:
-        return HostReading(owner_cpu_percent=1.0, total_memory_mib=16384, cpu_count=4)
-
-
-@dataclass
-class Agent:
-    hv: Hypervisor
-    engine: Engine
-    client: AgentClient
-    socket: Path
-    settings_file: Path
-
-
 @pytest.fixture
-def agent() -> Iterator[Agent]:
-    # A short path: Unix socket paths are limited to 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="da-", dir="/tmp"))
-    node = root / "node.xml"
-    node.write_text("<node/>\n")
-    cache = ImageCache(root / "images")
-    kernel = root / "kernel"
-    kernel.write_bytes(b"test:/// boots nothing")
-    hv = Hypervisor.open(f"test://{node}", images=cache, state_dir=root / "state")
-    hv.create(VmSpec("g1", 1, 256, KernelBoot(cache.add_file(kernel))))
-    settings_file = root / "config" / "settings.toml"
-    settings_file.parent.mkdir()
-    settings_file.write_text("idle_after = 1\n")
-    history = History.open(root / "history.sqlite3")
-    engine = Engine(
-        hv,
-        SettingsStore(settings_file, root / "fleet.toml"),
-        QuietHost(),
-        history=history,
-        tick_s=0.1,
-        status_every_s=0.2,
-    )
-    engine.start()
-    socket = root / "run" / "agent.sock"
-    api = LocalApiServer(engine, history, socket)
-    api.start()
-    client = AgentClient(socket)
-    try:
-        yield Agent(hv, engine, client, socket, settings_file)
-    finally:
-        client.close()
-        api.stop()
-        engine.stop()
-        history.close()
-        hv.close()
-        shutil.rmtree(root, ignore_errors=True)
+def agent() -> Iterator[InProcessAgent]:
+    with in_process_agent() as running:
+        yield running
 
 
-def _state(agent: Agent) -> GuestState:
+def _state(agent: InProcessAgent) -> GuestState:
     return agent.hv.state("g1")
 
 
-def test_status_shows_the_guest_donating_while_idle(agent: Agent):
+def test_status_shows_the_guest_donating_while_idle(agent: InProcessAgent):
     status = wait_for(
         lambda: (s := agent.client.status()).guests and s, 10, "a status with the guest"
     )
@@ -103,7 +48,7 @@ def test_status_shows_the_guest_donating_while_idle(agent: Agent):
     assert status.guests[0].state == "running"
 
 
-def test_reported_input_pauses_at_once_and_idleness_resumes(agent: Agent):
+def test_reported_input_pauses_at_once_and_idleness_resumes(agent: InProcessAgent):
     wait_for(lambda: agent.engine.level is Level.RUN, 10, "the engine to decide RUN")
     agent.client.report_activity(datetime.now().astimezone(), events=3)
     wait_for(lambda: _state(agent) is GuestState.PAUSED, 2, "the guest to be paused")
@@ -114,7 +59,7 @@ def test_reported_input_pauses_at_once_and_idleness_resumes(agent: Agent):
     wait_for(lambda: _state(agent) is GuestState.RUNNING, 10, "the guest to resume")
 
 
-def test_watch_streams_a_new_snapshot_when_the_level_changes(agent: Agent):
+def test_watch_streams_a_new_snapshot_when_the_level_changes(agent: InProcessAgent):
     stream = agent.client.watch()
     first = next(stream)
     assert first.decision.level is Level.RUN
@@ -123,7 +68,7 @@ def test_watch_streams_a_new_snapshot_when_the_level_changes(agent: Agent):
     assert paused.decision.cause is Cause.OWNER_ACTIVE
 
 
-def test_a_journaled_guest_move_reaches_the_watchers(agent: Agent, tmp_path: Path):
+def test_a_journaled_guest_move_reaches_the_watchers(agent: InProcessAgent, tmp_path: Path):
     stream = agent.client.watch()
     assert next(stream).moves == ()
     journal = MoveJournal(tmp_path / "fleet-moves.json", on_change=agent.engine.set_moves)
@@ -135,7 +80,7 @@ def test_a_journaled_guest_move_reaches_the_watchers(agent: Agent, tmp_path: Pat
     assert [m.event for m in left.moves] == ["left", "arrived"]
 
 
-def test_snooze_pauses_until_resume(agent: Agent):
+def test_snooze_pauses_until_resume(agent: InProcessAgent):
     until = datetime.now().astimezone() + timedelta(hours=1)
     status = agent.client.snooze(until)
     assert status.decision.cause is Cause.SNOOZED
@@ -148,7 +93,7 @@ def test_snooze_pauses_until_resume(agent: Agent):
     wait_for(lambda: _state(agent) is GuestState.RUNNING, 5, "the guest to run again")
 
 
-def test_snooze_until_i_resume(agent: Agent):
+def test_snooze_until_i_resume(agent: InProcessAgent):
     status = agent.client.snooze(None)
     assert status.snoozed_indefinitely
     assert status.decision.level is Level.PAUSED
@@ -165,7 +110,7 @@ def test_snooze_until_i_resume(agent: Agent):
     ],
 )
 def test_invalid_settings_are_refused_naming_the_key_and_nothing_changes(
-    agent: Agent, toml: str, named: str
+    agent: InProcessAgent, toml: str, named: str
 ):
     before = agent.settings_file.read_bytes()
     stub = pb_grpc.AgentStub(grpc.insecure_channel(f"unix:{agent.socket}"))
@@ -176,7 +121,7 @@ def test_invalid_settings_are_refused_naming_the_key_and_nothing_changes(
     assert agent.settings_file.read_bytes() == before
 
 
-def test_valid_settings_are_saved_and_applied(agent: Agent):
+def test_valid_settings_are_saved_and_applied(agent: InProcessAgent):
     settings, locked = agent.client.settings()
     assert locked == {}
     from dataclasses import replace
@@ -186,21 +131,34 @@ def test_valid_settings_are_saved_and_applied(agent: Agent):
     assert load_settings(agent.settings_file).idle_after == timedelta(seconds=42)
 
 
-def test_input_reported_from_the_future_is_refused(agent: Agent):
+def test_input_reported_from_the_future_is_refused(agent: InProcessAgent):
     with pytest.raises(AgentRefused, match="last_input: .* is in the future"):
         agent.client.report_activity(datetime.now().astimezone() + timedelta(hours=1), 1)
 
 
-def test_history_is_served_and_its_span_is_checked(agent: Agent):
+def test_history_is_served_and_its_span_is_checked():
     now = datetime.now().astimezone()
-    buckets, totals = agent.client.history(now - timedelta(hours=3), now)
-    assert len(buckets) >= 3
-    assert totals.cpu_hours >= 0
-    with pytest.raises(AgentRefused, match="end: must be after start"):
-        agent.client.history(now, now - timedelta(hours=1))
+    two_hours_ago = now - timedelta(hours=2)
+    recorded = [(two_hours_ago, 3600.0, 2.0), (now, 1800.0, 0.5)]
+    start, end = now - timedelta(hours=3), now + timedelta(seconds=1)
+    with in_process_agent(history=recorded) as agent:
+        buckets, totals = agent.client.history(start, end)
+        with pytest.raises(AgentRefused, match="end: must be after start"):
+            agent.client.history(now, now - timedelta(hours=1))
+    # One bucket per UTC hour of the span, none missing; the test guest donates nothing
+    # worth counting (test:/// uses no CPU), so the sums are what was recorded.
+    hours = [b.start for b in buckets]
+    assert hours[0] <= start < hours[0] + timedelta(hours=1)
+    assert hours[-1] <= end <= hours[-1] + timedelta(hours=1)
+    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(hours))
+    (earlier,) = [b for b in buckets if b.start <= two_hours_ago < b.start + timedelta(hours=1)]
+    assert earlier.cpu_seconds == pytest.approx(3600.0, abs=1)
+    assert earlier.memory_gib_hours == pytest.approx(2.0, abs=0.01)
+    assert totals.cpu_hours == pytest.approx(1.5, abs=0.01)
+    assert totals.gib_hours == pytest.approx(2.5, abs=0.01)
 
 
-def test_a_corrupt_settings_file_keeps_the_last_good_settings(agent: Agent):
+def test_a_corrupt_settings_file_keeps_the_last_good_settings(agent: InProcessAgent):
     agent.settings_file.write_text("idle_after = 'soon'\n")
     status = wait_for(
         lambda: (s := agent.client.status()).settings_error and s,
@@ -212,7 +170,7 @@ def test_a_corrupt_settings_file_keeps_the_last_good_settings(agent: Agent):
     assert settings.idle_after == timedelta(seconds=1)  # the last good value
 
 
-def test_the_socket_is_private_and_a_second_agent_is_refused(agent: Agent):
+def test_the_socket_is_private_and_a_second_agent_is_refused(agent: InProcessAgent):
     assert agent.socket.stat().st_mode & 0o777 == 0o600
     with pytest.raises(AgentAlreadyRunning):
         LocalApiServer(agent.engine, None, agent.socket).start()
@@ -220,7 +178,7 @@ def test_the_socket_is_private_and_a_second_agent_is_refused(agent: Agent):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_another_user_cannot_call_the_agent(agent: Agent):
+def test_another_user_cannot_call_the_agent(agent: InProcessAgent):
     nobody = pwd.getpwnam("nobody")
     agent.socket.parent.chmod(0o755)  # even with the directory open, the socket refuses
     code = (

@@ -15,8 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from donor_app.agent.credentials import new_key_and_csr
-from donor_app.coordinator.admin_client import AdminClient, AdminCredential, AdminError
-from donor_app.coordinator.enrollment import new_token
+from donor_app.coordinator.admin_rpc import AdminCredential, AdminError
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
+from donor_app.coordinator.fleet import FleetConfig
+from donor_app.coordinator.tokens import new_token
 from donor_app.domain import link
 from donor_app.domain.records import WorkloadState
 from donor_app.proto.v1 import coordinator_pb2 as pb
@@ -33,19 +35,9 @@ from tests.waiting import wait_for
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    with running_coordinator(
-        tmp_path / "coordinator",
-        lease_ttl=timedelta(seconds=3),
-        report_interval=timedelta(seconds=1),
-    ) as running:
-        yield running
-
-
-@pytest.fixture
-def admin(coordinator: RunningCoordinator) -> Iterator[AdminClient]:
-    with coordinator.admin() as client:
-        yield client
+def coordinator_fleet() -> FleetConfig:
+    """Short leases and reports, so that expiry and fencing happen within a test."""
+    return FleetConfig(lease_ttl=timedelta(seconds=3), report_interval=timedelta(seconds=1))
 
 
 def _token(admin: AdminClient, uses: int = 1) -> str:

@@ -6,18 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.coordinator_helpers import RunningCoordinator, enroll, running_coordinator
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    with running_coordinator(tmp_path / "coordinator") as running:
-        yield running
 
 
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from donor_app.coordinator.admin_client import AdminClient, AdminError
+from donor_app.coordinator.admin_rpc import AdminError
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.domain import link
 from donor_app.proto import coordinator_serde as serde
@@ -39,21 +40,13 @@ TARGET = link.MigrationTarget(
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    config = FleetConfig(
+def coordinator_fleet() -> FleetConfig:
+    return FleetConfig(
         lease_ttl=timedelta(seconds=20),
         report_interval=timedelta(seconds=1),
         migration=LIMITS,
         checkpoint_interval=None,
     )
-    with running_coordinator(tmp_path / "coordinator", fleet=config) as running:
-        yield running
-
-
-@pytest.fixture
-def admin(coordinator: RunningCoordinator) -> Iterator[AdminClient]:
-    with coordinator.admin() as client:
-        yield client
 
 
 def _donor(coordinator: RunningCoordinator, admin: AdminClient) -> RawDonor:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from donor_app.domain.guest import GuestState
 from donor_app.domain.vm import KernelBoot, VmSpec
 from donor_app.hypervisor.errors import HypervisorError, ImageError
 from donor_app.hypervisor.events import LifecycleEvent
-from donor_app.hypervisor.host import GuestState
 from tests.guests import console_ticks, tiny_guest_spec
 from tests.integration.conftest import Backend
 from tests.waiting import wait_for
@@ -133,25 +133,60 @@ def test_cpu_cap_outside_0_to_100_is_refused(
     assert backend.hv.cpu_cap(guest) == 40  # the last good cap stays
 
 
-def test_cpu_cap_limits_a_burning_guest(qemu_backend: Backend, make_qemu_guest: Callable[..., str]):
+def test_cpu_cap_is_applied_to_a_burning_guest(
+    qemu_backend: Backend, make_qemu_guest: Callable[..., str]
+):
+    # What the cap does, not how closely a loaded machine lets it show (that is measured
+    # by tests/benchmarks/hypervisor_ops.py and duty_cycle.py): as root, on the embedded
+    # driver, cputune's vCPU quota is set live; where the driver has no cputune
+    # (qemu:///session) the duty cycle really suspends the guest. Either way the guest
+    # then uses at most about its cap: other load on the machine can only lower that.
+    # libvirt is asked directly, on a connection of the test's own: `Hypervisor.state`
+    # counts a duty-cycled guest as running.
+    import os
+    import time
+
+    import libvirt
+
     backend = qemu_backend
     guest = make_qemu_guest(mode="burn")
     _wait_ticking(backend, guest)
-    backend.hv.set_cpu_cap(guest, 20)
+    cputune = os.geteuid() == 0
 
     def share_over(seconds: float) -> float:
-        import time
-
-        before = backend.hv.usage(guest).cpu_seconds
-        start = time.monotonic()
+        before, start = backend.hv.usage(guest).cpu_seconds, time.monotonic()
         time.sleep(seconds)  # a measurement window, not a wait for a condition
         return (backend.hv.usage(guest).cpu_seconds - before) / (time.monotonic() - start)
 
-    capped = share_over(2.0)
-    backend.hv.set_cpu_cap(guest, 100)
-    uncapped = share_over(2.0)
-    assert capped < 0.35, f"capped at 20 % but used {capped:.0%}"
-    assert uncapped > capped + 0.3, f"uncapped {uncapped:.0%} vs capped {capped:.0%}"
+    conn = libvirt.open(backend.hv.uri)
+    try:
+        dom = conn.lookupByName(backend.hv.domain_name(guest))
+
+        def vcpu_quota() -> int:
+            params = dom.schedulerParametersFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            assert params["vcpu_period"] == 100_000
+            return int(params["vcpu_quota"])
+
+        backend.hv.set_cpu_cap(guest, 20)
+        if cputune:
+            assert vcpu_quota() == 20_000, "the cap is not the live vCPU quota"
+        else:
+            wait_for(
+                lambda: dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED,
+                10,
+                "the duty cycle to suspend the guest",
+                interval=0.005,
+            )
+        # 20 %, and the first ~200 ms before the quota bites, stay well under 35 %.
+        capped = share_over(2.0)
+        assert capped < 0.35, f"capped at 20 % but used {capped:.0%}"
+
+        backend.hv.set_cpu_cap(guest, 100)
+        if cputune:
+            assert vcpu_quota() == -1, "the quota stayed after the cap was lifted"
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        conn.close()
 
 
 def test_usage_reports_cpu_and_memory(backend: Backend, make_guest: Callable[..., str]):

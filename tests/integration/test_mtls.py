@@ -20,13 +20,9 @@ import grpc
 import pytest
 
 from donor_app.agent.credentials import new_key_and_csr
-from donor_app.coordinator.enrollment import (
-    CertificateAuthority,
-    CoordinatorTls,
-    donor_common_name,
-    identity_from_auth_context,
-    prepare_tls,
-)
+from donor_app.coordinator.ca import CertificateAuthority
+from donor_app.coordinator.identity import donor_common_name, identity_from_auth_context
+from donor_app.coordinator.tls_files import CoordinatorTls, prepare_tls
 
 METHOD = "/donor.test.Echo/WhoAmI"
 RPC_TIMEOUT_S = 10

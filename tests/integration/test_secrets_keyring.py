@@ -2,8 +2,8 @@
 
 A private D-Bus session (dbus-run-session) runs gnome-keyring-daemon with an unlocked
 login keyring, a temporary HOME and no DISPLAY (else an unlock prompt can hang on the X
-display: HOST-FACTS.md "Secrets"). Inside it this module runs twice as a script: once to
-save the credential with a `CredentialStore`, once, as a new process, to load it back.
+display). Inside it this module runs twice as a script: once to save the credential
+with a `CredentialStore`, once, as a new process, to load it back.
 Each run prints one ``RESULT {json}`` line.
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from donor_app.agent.credentials import DonorCredentials, new_key_and_csr
-from donor_app.coordinator.enrollment import CertificateAuthority
+from donor_app.agent.credentials import new_key_and_csr
+from donor_app.coordinator.ca import CertificateAuthority
+from donor_app.settings.credentials import DonorCredentials
 from donor_app.settings.secrets import CredentialStore
 
 REPO = Path(__file__).resolve().parents[2]

@@ -28,16 +28,18 @@ from typing import Any
 import grpc
 import psutil
 
-from donor_app.agent.credentials import DonorCredentials, new_key_and_csr
+from donor_app.agent.credentials import new_key_and_csr
 from donor_app.agent.link.workloads import FleetWorkloads, WorkloadError
-from donor_app.agent.status import AgentStatus, LinkStatus
 from donor_app.domain import link
 from donor_app.domain.decision import Level
+from donor_app.domain.guest import GuestState
+from donor_app.domain.status import AgentStatus, LinkState, LinkStatus
 from donor_app.proto import coordinator_serde as serde
 from donor_app.proto.serde import moment
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from donor_app.settings.config import LinkConfig
+from donor_app.settings.credentials import DonorCredentials
 from donor_app.settings.secrets import CredentialStore
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class CoordinatorLink:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator-link", daemon=True)
-        self._link = LinkStatus(address=config.address, state="disconnected")
+        self._link = LinkStatus(address=config.address, state=LinkState.DISCONNECTED)
         self._lease_until: datetime | None = None
         self._fenced = False
         self._call: Any = None  # the open Connect call, to cancel it on stop
@@ -139,7 +141,7 @@ class CoordinatorLink:
         self._link = status
         self._set_link_status(status)
 
-    def _state(self, state: str, detail: str = "", donor_id: str | None = None) -> None:
+    def _state(self, state: LinkState, detail: str = "", donor_id: str | None = None) -> None:
         self._publish(
             LinkStatus(
                 address=self._config.address,
@@ -155,7 +157,7 @@ class CoordinatorLink:
         token = self._config.token
         if not token:
             raise Refused("not enrolled and no enrollment token configured")
-        self._state("enrolling")
+        self._state(LinkState.ENROLLING)
         key_pem, csr_pem = new_key_and_csr()
         channel = grpc.secure_channel(
             self._config.enroll_address, grpc.ssl_channel_credentials(self._config.ca_pem)
@@ -211,7 +213,7 @@ class CoordinatorLink:
                 wait = next(delays)
             except Refused as refusal:
                 log.error("coordinator link: %s", refusal)
-                self._state("refused", str(refusal))
+                self._state(LinkState.REFUSED, str(refusal))
                 wait = REFUSED_RETRY_S
             except grpc.RpcError as error:
                 code, detail = error.code(), error.details() or ""
@@ -219,15 +221,15 @@ class CoordinatorLink:
                     log.warning("the coordinator does not know us (%s): enrolling again", detail)
                     self._credentials.delete()
                 elif code is grpc.StatusCode.PERMISSION_DENIED:
-                    self._state("refused", detail)
+                    self._state(LinkState.REFUSED, detail)
                     wait = REFUSED_RETRY_S
                     self._check_lease()
                     self._stop.wait(wait)
                     continue
-                self._state("disconnected", f"{code.name.lower()}: {detail}")
+                self._state(LinkState.DISCONNECTED, f"{code.name.lower()}: {detail}")
             except Exception as error:  # never let the link thread die
                 log.exception("coordinator link failed")
-                self._state("disconnected", str(error))
+                self._state(LinkState.DISCONNECTED, str(error))
             self._check_lease()
             self._stop.wait(wait)
 
@@ -284,7 +286,7 @@ class CoordinatorLink:
                     # owner and the admin look (tray About/Settings, `status`).
                     where = self._credentials.location
                     detail = "" if "keyring" in where else f"credentials in {where}"
-                    self._state("connected", detail, donor_id=message.donor_id)
+                    self._state(LinkState.CONNECTED, detail, donor_id=message.donor_id)
                     if not reporter.is_alive():
                         reporter.start()
                 elif isinstance(message, link.Ack):
@@ -330,7 +332,7 @@ class CoordinatorLink:
                 link.Report(
                     capacity_now(status),
                     reports,
-                    status.decision.level.value if status is not None else "",
+                    status.decision.level if status is not None else None,
                 )
             )
             self._check_lease()
@@ -342,7 +344,7 @@ class CoordinatorLink:
                     r.workload_id
                     for r in reports
                     if r.workload_id not in reclaimed
-                    and r.state in (link.GuestState.RUNNING, link.GuestState.PAUSED)
+                    and r.state in (GuestState.RUNNING, GuestState.PAUSED)
                 )
                 if ids:
                     send(link.Reclaim(ids, status.decision.cause.value if status else ""))

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from donor_app.agent.status import GuestMove, MoveEvent
+from donor_app.atomic_file import write_atomic
+from donor_app.domain.status import GuestMove, MoveEvent
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,9 @@ class MoveJournal:
         """Under the lock. Temp file + rename: a crash leaves the old or the new file."""
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            # mkstemp creates the file 0600: the journal names peers and reasons.
-            fd, tmp = tempfile.mkstemp(prefix=".fleet-moves-", dir=self._path.parent)
-            try:
-                with os.fdopen(fd, "w") as out:
-                    json.dump({"format": _FORMAT, "moves": [_dump(m) for m in self._moves]}, out)
-                os.replace(tmp, self._path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            document = {"format": _FORMAT, "moves": [_dump(m) for m in self._moves]}
+            # 0600: the journal names peers and reasons.
+            write_atomic(self._path, json.dumps(document).encode(), 0o600)
         except OSError as error:
             # Once per run of failures: a full disk must not flood the log per move.
             if not self._save_failing:

@@ -11,7 +11,7 @@ hypervisor); the long ones — a live migration, saving and restoring a checkpoi
 on the link's command thread (libvirt connections are thread-safe) so the engine keeps
 protecting the owner meanwhile.
 
-Moves (see donor_app/coordinator/moves.py): as a target this donor prepares (images,
+Moves (see donor_app/coordinator/fleet/move.py): as a target this donor prepares (images,
 paths) and holds the workload at the move's epoch while the guest arrives, reporting it
 "stopped" until it has fully arrived; as a source it live-migrates to the prepared
 target, or saves the guest and uploads the checkpoint.
@@ -33,11 +33,13 @@ from typing import Protocol, TypeVar
 
 from donor_app.agent.link.bundle import BundleError, is_bundle, read_bundle, write_bundle
 from donor_app.agent.link.journal import MoveJournal
-from donor_app.agent.status import MoveEvent
+from donor_app.atomic_file import write_atomic
 from donor_app.domain import link
+from donor_app.domain.guest import GuestState
+from donor_app.domain.status import MoveEvent
 from donor_app.domain.vm import VmSpec
 from donor_app.hypervisor.errors import HypervisorError, ImageError
-from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.migration import MigrationOptions, MigrationTarget
 from donor_app.hypervisor.xml import BootFiles
 from donor_app.settings.config import MigrationEndpoint
@@ -122,10 +124,7 @@ class FleetWorkloads:
 
     def _save(self) -> None:
         self._file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fleet-", dir=self._file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._held, f)
-        os.replace(tmp, self._file)
+        write_atomic(self._file, json.dumps(self._held).encode())
 
     # --- what we hold ------------------------------------------------------------------------
 
@@ -154,15 +153,15 @@ class FleetWorkloads:
     ) -> link.GuestReport | None:
         """None: the guest's state cannot be known right now (and was not known before)."""
         if starting:
-            return link.GuestReport(workload_id, epoch, link.GuestState.STARTING)
+            return link.GuestReport(workload_id, epoch, GuestState.STARTING)
         try:
             if not self._hv.exists(workload_id):
-                return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "not defined")
+                return link.GuestReport(workload_id, epoch, GuestState.STOPPED, "not defined")
             if incoming:
                 if not self._arrived(workload_id):
                     # Mid-migration the guest exists here, paused and transient: it is not
                     # ours until libvirt finished the move (the source still runs it).
-                    return link.GuestReport(workload_id, epoch, link.GuestState.STOPPED, "arriving")
+                    return link.GuestReport(workload_id, epoch, GuestState.STOPPED, "arriving")
                 with self._lock:
                     # Another report may have seen it land first: journal it once.
                     landed = workload_id in self._incoming
@@ -171,10 +170,10 @@ class FleetWorkloads:
                 if landed:
                     self._moved("arrived", workload_id, source, "live")
             state = self._hv.state(workload_id)
-            if state is GuestState.SHUTOFF and (
+            if state is GuestState.STOPPED and (
                 self._hv.has_managed_save(workload_id) or self._saved(workload_id).exists()
             ):
-                return link.GuestReport(workload_id, epoch, link.GuestState.CHECKPOINTED)
+                return link.GuestReport(workload_id, epoch, GuestState.CHECKPOINTED)
         except HypervisorError as error:
             # Failing to look at a guest (libvirt busy or restarting) says nothing about
             # the guest: "failed" would end the workload for good. Report what was last
@@ -182,13 +181,9 @@ class FleetWorkloads:
             log.warning("cannot look at %s: %s", workload_id, error)
             last = self._last_reports.get(workload_id)
             return last if last is not None and last.epoch == epoch else None
-        mapped = {
-            GuestState.RUNNING: link.GuestState.RUNNING,
-            GuestState.PAUSED: link.GuestState.PAUSED,
-            GuestState.SHUTOFF: link.GuestState.STOPPED,
-            GuestState.CRASHED: link.GuestState.FAILED,
-        }.get(state, link.GuestState.FAILED)
-        return link.GuestReport(workload_id, epoch, mapped)
+        # A state the hypervisor cannot tell is no state the coordinator could act on.
+        reported = GuestState.FAILED if state is GuestState.OTHER else state
+        return link.GuestReport(workload_id, epoch, reported)
 
     def _arrived(self, workload_id: str) -> bool:
         """Whether an incoming guest has fully arrived. libvirt may refuse to look at it
@@ -333,7 +328,7 @@ class FleetWorkloads:
     def _remove(self, workload_id: str) -> None:
         """Engine thread: destroy and undefine (also its managed save)."""
         try:
-            if self._hv.state(workload_id) is not GuestState.SHUTOFF:
+            if self._hv.state(workload_id) is not GuestState.STOPPED:
                 self._hv.destroy(workload_id)
             self._hv.undefine(workload_id)
         except HypervisorError as error:
@@ -379,7 +374,7 @@ class FleetWorkloads:
         upload = path
         try:
             state = self._hv.state(workload_id)
-            if state is GuestState.SHUTOFF:
+            if state is GuestState.STOPPED:
                 if not path.exists():
                     raise WorkloadError(f"{workload_id} is not running: nothing to save")
             else:
@@ -389,7 +384,7 @@ class FleetWorkloads:
                 if command.upload and transport is not None:
                     upload = self._with_overlay(workload_id, path)  # the guest is stopped
             finally:
-                if state is not GuestState.SHUTOFF and command.keep_running:
+                if state is not GuestState.STOPPED and command.keep_running:
                     self._hv.restore(workload_id, path)
         except HypervisorError as error:
             raise WorkloadError(f"cannot checkpoint {workload_id}: {error}") from None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from donor_app.domain import link
+from donor_app.domain.decision import Level
 from donor_app.domain.records import WorkloadRecord, WorkloadState
 
 Clock = Callable[[], datetime]
@@ -47,7 +48,7 @@ REPORTED = {
 }
 
 # Policy levels at which a donor asks for its guests to be moved away (Report.level).
-RECLAIMING_LEVELS = frozenset({"evacuate", "checkpoint"})
+RECLAIMING_LEVELS = frozenset({Level.EVACUATE, Level.CHECKPOINT})
 
 
 def run_command(record: WorkloadRecord) -> link.RunWorkload:

@@ -20,6 +20,7 @@ from donor_app.coordinator.fleet.fencing import Fencing
 from donor_app.coordinator.fleet.session import DonorSession
 from donor_app.coordinator.fleet.state import FleetState
 from donor_app.domain import link
+from donor_app.domain.decision import Level
 from donor_app.domain.placement import hour_of_week
 from donor_app.domain.records import (
     HELD_STATES,
@@ -49,7 +50,7 @@ class Reports:
         seq: int,
         capacity: link.Capacity,
         guests: Sequence[link.GuestReport],
-        level: str,
+        level: Level | None,
     ) -> None:
         state = self._state
         now = state.clock()

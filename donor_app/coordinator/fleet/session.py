@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from donor_app.domain import link
+from donor_app.domain.decision import Level
 
 
 class Code(enum.Enum):
@@ -50,7 +51,7 @@ class DonorSession:
     capacity: link.Capacity | None = None
     last_report_at: datetime | None = None
     hello_seen: bool = False
-    level: str = ""
+    level: Level | None = None  # the policy rung of its latest report
     outbox: asyncio.Queue[link.Command | None] = field(default_factory=asyncio.Queue)
     refusal: Refused | None = None
     ended: bool = False

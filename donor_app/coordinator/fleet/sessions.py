@@ -75,7 +75,7 @@ class Sessions:
             if session.hello_seen:
                 raise Refused(Code.FAILED_PRECONDITION, "hello: sent twice on one stream")
             session.hello_seen = True
-            self._reports.on_report(session, event.seq, message.capacity, message.guests, "")
+            self._reports.on_report(session, event.seq, message.capacity, message.guests, None)
             self._resend_assignments(session, {g.workload_id for g in message.guests})
         elif isinstance(message, link.Report):
             self._reports.on_report(

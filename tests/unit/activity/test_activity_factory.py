@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from donor_app.activity import factory
 from donor_app.activity.factory import make_host_sensor, make_idle_counter, make_input_listener
 from donor_app.activity.host import PsutilFunctions, PsutilHostSensor
+from donor_app.activity.idle_logind import LogindIdleCounter
 from donor_app.activity.input_pynput import (
     BackendListener,
     Handlers,
@@ -174,10 +176,53 @@ def test_idle_candidates_per_platform() -> None:
     assert _names("linux", {"DISPLAY": ":0", "XDG_SESSION_TYPE": "wayland"}) == ["logind"]
 
 
-def test_idle_counter_on_this_host_never_raises() -> None:
-    counter = make_idle_counter(environ={})  # headless here, no systemd: Null
-    counter.seconds_since_last_input()
-    counter.close()
+def _busctl_on_path(monkeypatch: pytest.MonkeyPatch, bindir: Path, script: str | None) -> None:
+    """PATH holds only `bindir`, with a `busctl` running `script` (none if None)."""
+    bindir.mkdir()
+    if script is not None:
+        busctl = bindir / "busctl"
+        busctl.write_text(f"#!/bin/sh\n{script}\n")
+        busctl.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+
+
+def test_idle_counter_without_a_system_bus_is_null(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A headless Linux box without systemd (containers, CI): busctl is installed but
+    # nothing serves the system bus. The logind counter is built, its first query fails,
+    # and the factory hands out the Null counter instead (it does not raise).
+    caplog.set_level("INFO")
+    _busctl_on_path(
+        monkeypatch, tmp_path / "bin", "echo 'Failed to connect to bus: No such file' >&2; exit 1"
+    )
+    counter = make_idle_counter(platform="linux", environ={})
+    assert isinstance(counter, NullIdleCounter)
+    assert "idle counter logind unavailable: its first query failed" in caplog.text
+    assert "idle counter: none" in caplog.text
+
+
+def test_idle_counter_without_busctl_is_null(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    _busctl_on_path(monkeypatch, tmp_path / "bin", None)
+    counter = make_idle_counter(platform="linux", environ={})
+    assert isinstance(counter, NullIdleCounter)
+    assert "idle counter logind unavailable: OSError: busctl not found" in caplog.text
+
+
+def test_idle_counter_is_logind_where_it_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No display and no login session (a system service): the counter asks logind's
+    # Manager, which is idle only when every session is. This busctl answers only that.
+    script = '[ "$3" = /org/freedesktop/login1 ] || exit 2\nprintf "b true\\nt 1\\n"'
+    _busctl_on_path(monkeypatch, tmp_path / "bin", script)
+    counter = make_idle_counter(platform="linux", environ={})
+    assert isinstance(counter, LogindIdleCounter)
+    idle = counter.seconds_since_last_input()
+    assert idle is not None and idle > 0  # idle since 1 µs after boot
 
 
 def test_host_sensor_is_psutil(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from donor_app.agent.actuator import MIN_BALLOON_MIB, Actuator, guest_cpu_caps, guest_memory_caps
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.guest import GuestInfo, GuestState, GuestUsage
 from donor_app.hypervisor.errors import HypervisorError
-from donor_app.hypervisor.host import GuestInfo, GuestState, GuestUsage
 
 
 def test_a_quarter_of_two_cores_is_half_a_core_for_one_vcpu():

@@ -10,8 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from donor_app.agent.credentials import DonorCredentials, new_key_and_csr
-from donor_app.coordinator.enrollment import CertificateAuthority
+from donor_app.agent.credentials import new_key_and_csr
+from donor_app.coordinator.ca import CertificateAuthority
+from donor_app.settings.credentials import DonorCredentials
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -17,15 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from donor_app.agent.history import (
-    MAX_BUCKETS,
-    SCHEMA_VERSION,
-    History,
-    HistoryError,
-    HourBucket,
-    Totals,
-    hour_window,
-)
+from donor_app.agent.history import MAX_BUCKETS, History
+from donor_app.agent.history_file import SCHEMA_VERSION, HistoryError
+from donor_app.domain.history import HourBucket, Totals, hour_window
 
 REPO = Path(__file__).resolve().parents[3]
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)

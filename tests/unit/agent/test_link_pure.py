@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from itertools import islice
 
 from donor_app.agent.link.connection import backoff_delays, capacity_now
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:

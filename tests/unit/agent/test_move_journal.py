@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from donor_app.agent.link.journal import KEEP, SHOWN, MoveJournal
-from donor_app.agent.status import GuestMove
+from donor_app.domain.status import GuestMove
 
 START = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
-from donor_app.agent.status import AgentStatus, GuestMove, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus, GuestMove, LinkStatus
 from donor_app.proto import serde
 
 AT = datetime(2025, 1, 6, 9, 30, 15, 123456, tzinfo=UTC)

@@ -18,9 +18,10 @@ import pytest
 from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.link.workloads import FleetWorkloads, WorkloadError
 from donor_app.domain import link
+from donor_app.domain.guest import GuestState
 from donor_app.domain.vm import KernelBoot, VmSpec
 from donor_app.hypervisor.errors import HypervisorError
-from donor_app.hypervisor.host import GuestState, Hypervisor
+from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.migration import MigrationOutcome, MigrationTarget
 from donor_app.hypervisor.xml import BootFiles
 from donor_app.settings.config import MigrationEndpoint

@@ -21,6 +21,7 @@ from donor_app.coordinator.fleet.session import DonorSession
 from donor_app.coordinator.images import ImageStore
 from donor_app.coordinator.store.memory import InMemoryStore
 from donor_app.domain import link
+from donor_app.domain.decision import Level
 from donor_app.domain.records import DonorRecord, WorkloadEvent, WorkloadRecord, WorkloadState
 from donor_app.domain.vm import KernelBoot, VmSpec
 
@@ -98,7 +99,10 @@ class Donor:
         await self.event(link.Hello("test", cap or capacity(), tuple(guests)))
 
     async def report(
-        self, *guests: link.GuestReport, level: str = "", cap: link.Capacity | None = None
+        self,
+        *guests: link.GuestReport,
+        level: Level | None = None,
+        cap: link.Capacity | None = None,
     ) -> None:
         await self.event(link.Report(cap or capacity(), tuple(guests), level))
 

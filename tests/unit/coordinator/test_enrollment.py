@@ -17,19 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from donor_app.agent.credentials import new_key_and_csr
-from donor_app.coordinator.enrollment import (
+from donor_app.coordinator.ca import CertificateAuthority, CsrRejected
+from donor_app.coordinator.identity import (
     ADMIN_CN,
-    CertificateAuthority,
-    CsrRejected,
-    EnrollmentError,
     Identity,
     donor_common_name,
     identity_from_auth_context,
-    new_token,
-    parse_token,
-    prepare_tls,
-    token_refusal,
 )
+from donor_app.coordinator.pki import EnrollmentError
+from donor_app.coordinator.tls_files import prepare_tls
+from donor_app.coordinator.tokens import new_token, parse_token, token_refusal
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 NOW_S = NOW.replace(microsecond=0)

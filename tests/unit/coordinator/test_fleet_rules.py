@@ -11,6 +11,7 @@ import pytest
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.coordinator.fleet.session import Code, Refused
 from donor_app.domain import link
+from donor_app.domain.decision import Level
 from donor_app.domain.records import DonorRecord, WorkloadState
 from tests.unit.coordinator.fleet_harness import CERT, LEASE, Donor, Harness, capacity, guest, run
 
@@ -48,9 +49,9 @@ def test_nothing_is_placed_on_a_donor_without_room_or_handing_guests_back(
         await h.submit(memory_mib=256)
         assert await h.fleet.place_queued() == 0
         # A donor whose owner stayed (its level asks to move guests away) gets none.
-        await small.report(level="evacuate", cap=capacity())
+        await small.report(level=Level.EVACUATE, cap=capacity())
         assert await h.fleet.place_queued() == 0
-        await small.report(level="run", cap=capacity())
+        await small.report(level=Level.RUN, cap=capacity())
         assert await h.fleet.place_queued() == 1
 
     run(body)
@@ -218,7 +219,7 @@ def test_a_report_repeated_while_a_fence_is_pending_fences_once(tmp_path: Path) 
         await h.fleet.place_queued()
         a = await h.donor("a")
         a.commands()
-        stale = link.Report(capacity(), (guest(record.workload_id, 1),), "")
+        stale = link.Report(capacity(), (guest(record.workload_id, 1),))
         # Two reports before the first fence ran: one StopWorkload.
         await h.fleet.on_event(a.session, link.DonorEvent(10, stale))
         await h.fleet.on_event(a.session, link.DonorEvent(11, stale))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from donor_app.agent.history import HourBucket
+from donor_app.domain.history import HourBucket
 from donor_app.gui.bar_chart import nice_maximum
 from donor_app.gui.charts_data import (
     LiveSeries,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from donor_app.agent.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.gui import moves_view, presenter
 from donor_app.gui.presenter import Action
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from donor_app.agent.status import AgentStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus
 from donor_app.gui.notices import Notice, RateLimiter, notice_for
 
 T0 = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from donor_app.agent.status import AgentStatus, GuestSnapshot, LinkStatus
 from donor_app.domain.decision import Cause, Decision, EffectiveCaps, Level
+from donor_app.domain.status import AgentStatus, GuestSnapshot, LinkStatus
 from donor_app.gui import presenter
 from donor_app.gui.presenter import Action, TrayState
 

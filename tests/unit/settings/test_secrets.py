@@ -19,8 +19,9 @@ import keyring.backends.fail
 import keyring.errors
 import pytest
 
-from donor_app.agent.credentials import DonorCredentials, new_key_and_csr
-from donor_app.coordinator.enrollment import CertificateAuthority
+from donor_app.agent.credentials import new_key_and_csr
+from donor_app.coordinator.ca import CertificateAuthority
+from donor_app.settings.credentials import DonorCredentials
 from donor_app.settings.secrets import USERNAME, CredentialStore
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -1,12 +1,17 @@
-"""What the agent shows its clients (the tray, `donor-agent`'s status line)."""
+"""What the agent shows its clients (the tray, `donor-agent`'s status line): value types.
+
+The agent builds these; `donor_app.proto.serde` carries them over the local API.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from donor_app.domain.decision import Decision
+from donor_app.domain.guest import GuestState
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,22 +20,31 @@ class GuestSnapshot:
     `cpu_cap_percent` is of the guest's own vCPUs."""
 
     name: str
-    state: str
+    state: GuestState
     cpu_percent: float
     memory_mib: float
     cpu_cap_percent: float
 
 
+class LinkState(enum.StrEnum):
+    """The state of the agent's link to the fleet's coordinator."""
+
+    NOT_CONFIGURED = "not_configured"
+    """No coordinator configured: donating locally only."""
+    ENROLLING = "enrolling"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    """Lost or not reached yet; retrying."""
+    REFUSED = "refused"
+    """Revoked, or a bad token: needs the admin."""
+
+
 @dataclass(frozen=True, slots=True)
 class LinkStatus:
-    """The agent's link to the fleet's coordinator.
-
-    `state`: not_configured (donating locally only), enrolling, connected,
-    disconnected (retrying), refused (revoked or a bad token: needs the admin).
-    """
+    """The agent's link to the fleet's coordinator."""
 
     address: str = ""
-    state: str = "not_configured"
+    state: LinkState = LinkState.NOT_CONFIGURED
     detail: str = ""
     donor_id: str = ""
 
