@@ -20,6 +20,7 @@ scripts/bootstrap); `unshare` and `mount` come from util-linux, `hostname` from 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -234,6 +235,18 @@ class LibvirtDaemon:
             _signal(pid, signal.SIGKILL)
         _wait_gone(everything, f"the processes of libvirtd {self.name} to die")
 
+    def qemu_args(self, domain_name: str) -> list[str]:
+        """The command line of the QEMU this daemon runs `domain_name` in (read from
+        /proc through libvirt's pidfile, and checked to name the guest); [] if none."""
+        for pid in self._pidfile_pids(f"run/qemu/{glob.escape(domain_name)}.pid", "qemu"):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue  # it has just exited
+            if f"guest={domain_name}" in (option(args, "-name") or ""):
+                return args
+        return []
+
     def _private_namespace(self) -> str | None:
         """The daemons' mount namespace, read after `unshare` (from virtlogd's pidfile:
         libvirtd may have failed to start), or None if it cannot be told apart."""
@@ -276,6 +289,14 @@ class LibvirtDaemon:
             if cmdline and program in Path(cmdline[0]).name and namespace not in (None, own):
                 pids.append(pid)
         return pids
+
+
+def option(args: list[str], name: str) -> str | None:
+    """The value that follows option `name` (e.g. "-cpu") in a command line, if any."""
+    try:
+        return args[args.index(name) + 1]
+    except (ValueError, IndexError):
+        return None
 
 
 def _mount_namespace(pid: int) -> str | None:

@@ -3,7 +3,8 @@
 The sandbox: no graphics or video, no USB or other host devices, no shared folders, no
 network device unless the spec asks (and then only the isolated network), destroy on
 reboot/crash (a guest that misbehaves stops instead of looping), a virtio balloon so the
-agent can take memory back, and the serial console written to a file.
+agent can take memory back, and the serial console written to a file. Every guest also
+gets one fixed CPU definition, the same on every donor it may move to (`_cpu`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ VIRT_TYPES = ("kvm", "qemu", "test")
 ISOLATED_NETWORK = "donor-isolated"
 # libvirt's default bridge names are virbrN; ours stays clear of them and fits IFNAMSIZ.
 ISOLATED_BRIDGE = "virbr-donor"
+
+# The guest's CPU. Without a <cpu> element libvirt picks the machine type's default model
+# (qemu64) and, once QEMU runs, adds to the running definition the features QEMU turned
+# on beyond libvirt's own description of that model: under TCG, `hypervisor` and
+# `lahf_lm`. A live migration carries that expanded CPU to the target, so the target's
+# QEMU started with `-cpu qemu64,hypervisor=on,lahf-lm=on` where the source's had
+# `-cpu qemu64`: one guest, two CPU definitions, equal only while both hosts' QEMU expand
+# qemu64 alike. So the definition names everything itself.
+#
+# TCG: QEMU emulates the CPU, so it is the same on every host: the model with exactly
+# the features QEMU gives it, and check='full' so that libvirt refuses to start (or take
+# in) the guest if QEMU would give it anything else ("guest CPU doesn't match
+# specification") instead of quietly starting another CPU.
+TCG_CPU_MODEL = "qemu64"
+TCG_CPU_FEATURES = ("hypervisor", "lahf_lm")
+# KVM: host-passthrough would hand the guest the workstation's own CPU, and a guest
+# that has seen one workstation's CPU cannot move to a machine with an older or another
+# CPU (libvirt refuses the migration, or the guest faults on an instruction it was told
+# it had). A named baseline model that every x86-64 workstation of the last fifteen years
+# provides can move between any two of them: Nehalem (SSE4.2, POPCNT: about the
+# x86-64-v2 level that current distributions require). fallback='forbid' with
+# check='partial' makes libvirt refuse a host that lacks one of its features rather than
+# start a smaller CPU. Its exact features under KVM also depend on the host kernel (QEMU
+# adds x2apic, hypervisor and others), so they are not pinned as for TCG: libvirt
+# records what QEMU started and sends it along with a live migration, and the target
+# must start exactly that or refuse the migration.
+KVM_CPU_MODEL = "Nehalem"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +78,18 @@ def _os_element(domain: ET.Element, spec: VmSpec, files: BootFiles) -> None:
         _sub(os_el, "cmdline", spec.boot.cmdline)
     else:
         _sub(os_el, "boot", dev="hd")
+
+
+def _cpu(domain: ET.Element, virt_type: str) -> None:
+    """The guest's fixed CPU (see TCG_CPU_MODEL and KVM_CPU_MODEL)."""
+    if virt_type == "kvm":
+        cpu = _sub(domain, "cpu", mode="custom", match="exact", check="partial")
+        _sub(cpu, "model", KVM_CPU_MODEL, fallback="forbid")
+        return
+    cpu = _sub(domain, "cpu", mode="custom", match="exact", check="full")
+    _sub(cpu, "model", TCG_CPU_MODEL, fallback="forbid")
+    for feature in TCG_CPU_FEATURES:
+        _sub(cpu, "feature", policy="require", name=feature)
 
 
 def _devices(domain: ET.Element, spec: VmSpec, files: BootFiles, console_log: Path) -> None:
@@ -96,8 +136,7 @@ def build_domain_xml(
     _os_element(domain, spec, files)
     features = _sub(domain, "features")
     _sub(features, "acpi")  # lets stop() ask the guest to power off
-    if virt_type == "kvm":
-        _sub(domain, "cpu", mode="host-passthrough")
+    _cpu(domain, virt_type)
     _sub(domain, "clock", offset="utc")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(domain, event, "destroy")
@@ -120,6 +159,18 @@ def build_isolated_network_xml() -> str:
     _sub(network, "bridge", name=ISOLATED_BRIDGE, stp="on", delay="0")
     ET.indent(network)
     return ET.tostring(network, encoding="unicode") + "\n"
+
+
+def domain_virt_type(xml: str) -> str:
+    """The type of a domain XML's <domain> ("kvm", "qemu", ...); ValueError if none."""
+    try:
+        domain = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise ValueError(f"xml: not a well-formed domain XML ({exc})") from exc
+    virt_type = domain.get("type")
+    if domain.tag != "domain" or virt_type is None:
+        raise ValueError("xml: no <domain type=...> at the root")
+    return virt_type
 
 
 def _set_text(os_el: ET.Element | None, tag: str, path: Path | None) -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import libvirt
 
-from donor_app.coordinator.admin_client import AdminClient
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from tests.agent_process import AgentProcess, running_agent
 from tests.coordinator_helpers import RunningCoordinator
 from tests.guest.build_guest import build_guest
-from tests.libvirtd import LibvirtDaemon, running_libvirtd
+from tests.libvirtd import LibvirtDaemon, option, running_libvirtd
 from tests.waiting import wait_for
 
 # The owner's activity must not pause the guest outright (the in-use cap lets it run at
@@ -51,6 +51,10 @@ class Donor:
 
     def console(self, workload_id: str) -> Path:
         return self.root / "data" / "guests-state" / "guests" / workload_id / "console.log"
+
+    def qemu_cpu(self, workload_id: str) -> str | None:
+        """The `-cpu` of the QEMU running the workload's guest here; None if none runs."""
+        return option(self.daemon.qemu_args(f"donor-{workload_id}"), "-cpu")
 
     def domain_state(self, workload_id: str) -> str | None:
         """'running', 'paused', 'shutoff', … of the workload's domain here; None if none."""

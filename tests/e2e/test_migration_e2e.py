@@ -1,6 +1,6 @@
 """Moves between donors, for real: a coordinator, two or three donors (each a private
 libvirtd and a real donor-agent process), the tiny guest whose serial counter proves it
-kept its state. See donor_app/coordinator/moves.py for the protocol.
+kept its state. See donor_app/coordinator/fleet/move.py for the protocol.
 
 1. The owner returns on the guest's donor and stays: the guest continues on the other
    donor (live); the counter never goes backwards and the gap is measured.
@@ -19,15 +19,16 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from datetime import timedelta
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
 
-from donor_app.coordinator.admin_client import AdminClient
+from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.domain.link import MigrationLimits
+from donor_app.domain.records import WorkloadEvent
 from donor_app.proto.v1 import coordinator_pb2 as pb
 from tests.coordinator_helpers import RunningCoordinator, running_coordinator
 from tests.e2e.donor_pair import (
@@ -75,10 +76,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _kinds(coordinator: RunningCoordinator, workload_id: str) -> list[tuple[str, str]]:
+def _events(coordinator: RunningCoordinator, workload_id: str) -> list[WorkloadEvent]:
     fleet = coordinator.server.fleet
     assert fleet is not None
-    return [(e.kind, e.detail) for e in fleet.store.workload_events(workload_id)]
+    return fleet.store.workload_events(workload_id)
+
+
+def _kinds(coordinator: RunningCoordinator, workload_id: str) -> list[tuple[str, str]]:
+    return [(e.kind, e.detail) for e in _events(coordinator, workload_id)]
 
 
 @contextmanager
@@ -105,6 +110,10 @@ def _logs_on_failure(donors: list[Donor]) -> Iterator[None]:
             print(f"===== donor {donor.name} libvirt log (tail)\n{donor.daemon.log_text()[-3000:]}")
             states = {w: donor.domain_state(w) for w in _workload_ids(donor)}
             print(f"===== donor {donor.name} domains: {states}")
+            for wid in _workload_ids(donor):
+                with suppress(OSError):
+                    tail = donor.console(wid).read_bytes()[-3000:].decode(errors="replace")
+                    print(f"===== donor {donor.name} console of {wid} (tail)\n{tail}")
         raise
 
 
@@ -134,11 +143,14 @@ def test_the_owner_returns_and_the_guest_continues_live_elsewhere(base: Path) ->
         submitted = tiny_workload(admin)
         wid = submitted.id
         source, [target] = _placed(donors, wait_running(admin, wid))
+        cpu = source.qemu_cpu(wid)
+        assert cpu is not None
         consoles = {d.name: d.console(wid) for d in donors}
         with TickWatcher(consoles) as watcher:
             _ticks_on(watcher, source, 20)
             with OwnerAtDesk(source):
                 moved = wait_running(admin, wid, 120, not_on=source.donor_id)
+                assert target.qemu_cpu(wid) == cpu  # the same CPU on the donor it moved to
                 _ticks_on(watcher, target, 20)
         ticks = watcher.ticks()
         check_continuity(ticks)
@@ -252,9 +264,25 @@ def test_a_dead_donors_guest_restarts_from_its_checkpoint_and_never_runs_twice(
             assert on_target[0].value > 1
             assert on_target[0].value <= last_on_source.value + 1
             assert [t.value for t in on_target] == sorted(t.value for t in on_target)
-            assert checkpointed.checkpoint.sha256 == moved.checkpoint.sha256 or (
-                moved.checkpoint.epoch >= checkpointed.checkpoint.epoch
-            )
+            # Restored from the last checkpoint the dead donor uploaded, and only from that
+            # one: the target's agent names it by when and where it was taken.
+            last_upload = [
+                e
+                for e in _events(coordinator, wid)
+                if e.kind == "checkpoint" and e.donor_id == source.donor_id
+            ][-1]
+            assert last_upload.epoch == placed.epoch
+            assert last_upload.at >= checkpointed.checkpoint.taken_at.ToDatetime(tzinfo=UTC)
+            taken_at = last_upload.at.astimezone(UTC).isoformat(timespec="seconds")
+            restores = [
+                line
+                for line in target.agent.log_text().splitlines()
+                if "restored from the checkpoint" in line
+            ]
+            assert len(restores) == 1, restores
+            assert restores[0].endswith(
+                f"restored from the checkpoint taken at {taken_at} on donor {source.donor_id}"
+            ), (restores, taken_at)
 
             # The dead donor comes back (same machine, same enrollment).
             source.daemon.start()
@@ -297,6 +325,8 @@ def test_a_coordinator_restart_mid_migration_loses_and_duplicates_nothing(base: 
             idle_donors(admin, 2)
             wid = tiny_workload(admin).id
             source, [target] = _placed(donors, wait_running(admin, wid))
+            cpu = source.qemu_cpu(wid)
+            assert cpu is not None
             watcher = stack.enter_context(TickWatcher({d.name: d.console(wid) for d in donors}))
             _ticks_on(watcher, source, 20)
             admin.move(wid)
@@ -317,6 +347,7 @@ def test_a_coordinator_restart_mid_migration_loses_and_duplicates_nothing(base: 
             ):
                 moved = wait_running(admin2, wid, 120, not_on=source.donor_id)
                 assert moved.donor_id == target.donor_id
+                assert target.qemu_cpu(wid) == cpu  # the same CPU on the donor it moved to
                 _ticks_on(watcher, target, 20)
                 assert source.domain_state(wid) is None
                 assert target.domain_state(wid) == "running"

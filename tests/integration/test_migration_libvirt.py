@@ -234,7 +234,9 @@ def test_a_target_that_dies_mid_way_leaves_the_guest_running_at_the_source(
     options = MigrationOptions(bandwidth_mibps=1, deadline_s=60)
     with pytest.raises(MigrationError, match="failed after") as caught:
         a.hv.migrate_live(spec.name, b.target_for(spec), options, kill_target_once_data_flows)
-    assert observed == {"exists": True, "arrived": False}
+    assert observed == {"exists": True, "arrived": False}, (
+        f"the migration ended before any data flowed: {caught.value}"
+    )
     assert caught.value.source_state is GuestState.RUNNING
     _assert_runs_on(a, spec.name)
     b.reconnect()  # the donor machine comes back: no trace of the half-arrived guest

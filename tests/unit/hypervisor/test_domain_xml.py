@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
-from donor_app.hypervisor.xml import BootFiles, build_domain_xml, build_isolated_network_xml
+from donor_app.hypervisor.xml import (
+    BootFiles,
+    build_domain_xml,
+    build_isolated_network_xml,
+    domain_virt_type,
+)
 
 GOLDEN = Path(__file__).with_name("golden")
 KERNEL_SHA, INITRD_SHA, DISK_SHA = "1" * 64, "2" * 64, "3" * 64
@@ -86,6 +91,47 @@ def test_the_isolated_network_neither_forwards_nor_gives_the_host_an_address():
     network = ET.fromstring(build_isolated_network_xml())
     assert network.find("forward") is None
     assert network.find("ip") is None
+
+
+@pytest.mark.parametrize("virt_type", ["kvm", "qemu", "test"])
+def test_every_guest_names_one_fixed_cpu_that_can_move_between_hosts(virt_type: str):
+    xml = build_domain_xml(
+        KERNEL_SPEC,
+        domain_name="donor-x",
+        virt_type=virt_type,
+        files=KERNEL_FILES,
+        console_log=Path("/c"),
+    )
+    cpu = ET.fromstring(xml).find("cpu")
+    assert cpu is not None
+    # Never the host's own CPU (host-passthrough, host-model): a named model, exactly.
+    assert (cpu.get("mode"), cpu.get("match")) == ("custom", "exact")
+    model = cpu.find("model")
+    assert model is not None and model.get("fallback") == "forbid"
+    features = [(f.get("policy"), f.get("name")) for f in cpu.findall("feature")]
+    if virt_type == "kvm":
+        assert (model.text, cpu.get("check"), features) == ("Nehalem", "partial", [])
+    else:
+        # Under TCG the model with every feature QEMU gives it, so that libvirt has
+        # nothing to add when the guest starts (and nothing to carry to a migration's
+        # target), and refuses a QEMU that would give it anything else.
+        assert (model.text, cpu.get("check")) == ("qemu64", "full")
+        assert features == [("require", "hypervisor"), ("require", "lahf_lm")]
+
+
+def test_the_virt_type_of_a_domain_xml_is_read_back():
+    for virt_type in ("kvm", "qemu"):
+        xml = build_domain_xml(
+            KERNEL_SPEC,
+            domain_name="donor-x",
+            virt_type=virt_type,
+            files=KERNEL_FILES,
+            console_log=Path("/c"),
+        )
+        assert domain_virt_type(xml) == virt_type
+    for bad in ("<domain", "<network type='qemu'/>", "<domain/>"):
+        with pytest.raises(ValueError, match=r"^xml: "):
+            domain_virt_type(bad)
 
 
 def test_text_that_looks_like_xml_stays_text():

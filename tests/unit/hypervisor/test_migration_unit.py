@@ -59,10 +59,24 @@ _RUNNING, _PAUSED = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED
 
 
 class FakeDomain:
-    def __init__(self, state: int | None, calls: list[str], *, pause_on_migrate: bool = False):
+    def __init__(
+        self,
+        state: int | None,
+        calls: list[str],
+        *,
+        pause_on_migrate: bool = False,
+        virt_type: str = "qemu",
+        qemu_version: int = 7_002_000,
+    ):
         self.code = state  # None: libvirt no longer has it
         self.calls = calls
         self.pause_on_migrate = pause_on_migrate
+        self.virt_type = virt_type
+        self.qemu_version = qemu_version
+        self.migrate_flags: list[int] = []
+
+    def connect(self) -> FakeConnection:
+        return FakeConnection(None, self.qemu_version)
 
     def name(self) -> str:
         return "donor-fake"
@@ -76,7 +90,10 @@ class FakeDomain:
         return self.code is not None
 
     def XMLDesc(self, _flags: int) -> str:  # noqa: N802
-        return "<domain type='qemu'><name>donor-fake</name><os><kernel>/a/k</kernel></os></domain>"
+        return (
+            f"<domain type='{self.virt_type}'><name>donor-fake</name>"
+            "<os><kernel>/a/k</kernel></os></domain>"
+        )
 
     def migrateSetMaxDowntime(self, _ms: int, _flags: int) -> None:  # noqa: N802
         pass
@@ -84,7 +101,8 @@ class FakeDomain:
     def jobStats(self, _flags: int = 0) -> dict[str, int]:  # noqa: N802
         return {"type": libvirt.VIR_DOMAIN_JOB_NONE, "downtime": 7, "data_processed": 1 << 20}
 
-    def migrate3(self, _conn: object, _params: object, _flags: int) -> None:
+    def migrate3(self, _conn: object, _params: object, flags: int) -> None:
+        self.migrate_flags.append(flags)
         if self.pause_on_migrate:
             self.code = _PAUSED
         raise libvirt.libvirtError("Confirm failed")
@@ -99,8 +117,12 @@ class FakeDomain:
 
 
 class FakeConnection:
-    def __init__(self, dom: FakeDomain | None):
+    def __init__(self, dom: FakeDomain | None, version: int = 7_002_000):
         self.dom = dom
+        self.version = version
+
+    def getVersion(self) -> int:  # noqa: N802
+        return self.version
 
     def lookupByName(self, _name: str) -> FakeDomain:  # noqa: N802
         if self.dom is None or self.dom.code is None:
@@ -165,6 +187,22 @@ def test_a_guest_gone_from_the_source_and_running_at_the_target_has_moved(
     outcome = _fake_migration(monkeypatch, source, copy)
     assert outcome.downtime_ms == 7
     assert made == []
+
+
+@pytest.mark.parametrize(
+    ("virt_type", "qemu_version", "live"),
+    [("kvm", 7_002_000, True), ("qemu", 7_002_000, False), ("qemu", 9_000_000, True)],
+)
+def test_a_tcg_guest_moves_paused_where_qemu_would_lose_its_writes(
+    monkeypatch: pytest.MonkeyPatch, virt_type: str, qemu_version: int, live: bool
+):
+    source = FakeDomain(_RUNNING, [], virt_type=virt_type, qemu_version=qemu_version)
+    with pytest.raises(MigrationError):
+        _fake_migration(monkeypatch, source, None)
+    [flags] = source.migrate_flags
+    assert bool(flags & libvirt.VIR_MIGRATE_LIVE) is live
+    assert flags & libvirt.VIR_MIGRATE_PERSIST_DEST
+    assert flags & libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 
 
 # --- rewriting another host's domain XML ---------------------------------------------------
