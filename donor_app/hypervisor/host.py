@@ -468,7 +468,9 @@ class Hypervisor:
         options: migration.MigrationOptions,
         progress: Callable[[migration.MigrationProgress], None] | None = None,
     ) -> migration.MigrationOutcome:
-        """Move the running guest to another host's libvirt while it runs (migration.py).
+        """Move the guest to another host's libvirt (migration.py): live, while it runs,
+        except under TCG on a QEMU that loses writes in a live move, where it is paused
+        for the copy.
 
         On success the guest is gone from this host (undefined, its files removed). On
         MigrationError it is still here, running if it was (see `source_state`).
