@@ -26,13 +26,12 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import sys
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 from donor_app.atomic_file import write_atomic
 from donor_app.settings.fleet_file import parse_fleet, parse_link_config
-from donor_app.settings.toml_reader import ConfigError
+from donor_app.settings.toml_reader import ConfigError, Unreadable, parse_toml, read_file
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -54,17 +53,18 @@ class CheckFailed(Exception):
 
 
 def read_source(source: Path) -> dict[str, object]:
-    """The parsed TOML of `source`; CheckFailed names the file and what is wrong."""
+    """The parsed TOML of `source`, read as the agent reads it; CheckFailed names the
+    file and what is wrong."""
     try:
-        text = source.read_bytes()
-    except FileNotFoundError:
-        raise CheckFailed(EXIT_MISSING, f"{source}: the fleet config does not exist") from None
-    except OSError as error:
-        raise CheckFailed(EXIT_MISSING, f"{source}: cannot read it: {error.strerror}") from None
+        raw = read_file(source)
+    except Unreadable as error:
+        raise CheckFailed(EXIT_MISSING, f"{source}: cannot read it: {error}") from None
+    if raw is None:
+        raise CheckFailed(EXIT_MISSING, f"{source}: the fleet config does not exist")
     try:
-        return tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise CheckFailed(EXIT_INVALID, f"{source}: not valid TOML: {error}") from None
+        return parse_toml(raw, source)
+    except ConfigError as error:
+        raise CheckFailed(EXIT_INVALID, str(error)) from None
 
 
 def check(source: Path) -> tuple[dict[str, object], list[str]]:
@@ -141,7 +141,7 @@ def reachable(address: str, timeout_s: float = 3.0) -> bool:
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return True
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name the resolver cannot encode
         return False
 
 

@@ -34,9 +34,9 @@ from donor_app.agent.actuator import Actuator, Guests
 from donor_app.domain.decision import Decision, Level
 from donor_app.domain.fleet import FleetPolicy
 from donor_app.domain.guest import GuestState
-from donor_app.domain.policy import SNOOZE_UNTIL_RESUMED, Since, decide, track
+from donor_app.domain.policy import Since, decide, track
 from donor_app.domain.readings import ActivityReading, HostReading
-from donor_app.domain.settings import Settings
+from donor_app.domain.settings import SNOOZE_FOREVER, SNOOZE_UNTIL_RESUMED, Settings
 from donor_app.domain.status import AgentStatus, GuestMove, GuestSnapshot, LinkStatus
 from donor_app.hypervisor.errors import HypervisorError
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # "Pause until I resume": a snooze whose end nobody will live to see.
-SNOOZE_FOREVER = timedelta(days=365 * 100)
 SETTINGS_RELOAD_S = 5.0
 RECONCILE_S = 10.0  # re-apply the decision even unchanged, in case a guest was touched
 
@@ -167,6 +166,12 @@ class Engine:
 
     def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
         """Run `fn` on the engine thread and return its result (or raise its error)."""
+        return self.submit(fn).result(timeout)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the engine thread; the future gets its result or error. One
+        cancelled before the engine reaches it is skipped. For callers that must not
+        block a thread while they wait (the local API's event loop)."""
         future: Future[T] = Future()
 
         def run() -> None:
@@ -178,7 +183,7 @@ class Engine:
 
         self._commands.put(run)
         self._wake.set()
-        return future.result(timeout)
+        return future
 
     def set_link_status(self, link: LinkStatus) -> None:
         """The coordinator link's state changed (its thread); clients see it at once."""

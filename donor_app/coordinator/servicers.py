@@ -213,28 +213,41 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         identity = await self._donor(context)
         assert identity.donor_id is not None
         donor_id = identity.donor_id
-        upload = self._fleet.checkpoints.upload()
         header: list[pb.CheckpointChunk] = []
 
         def begin(chunk: pb.CheckpointChunk) -> None:
             identifier("workload_id", chunk.workload_id)
             # Refused before a byte is stored: only the holder at this epoch may push.
             self._fleet.holder_check(donor_id, chunk.workload_id, chunk.epoch)
-            upload.begin(chunk.sha256, chunk.total_size)
             header.append(chunk)
 
         try:
             await self._fleet.check_donor(donor_id, identity.cert_sha256)
-            size = await receive_upload(upload, request_iterator, begin)
+            sha256, size = await receive_upload(self._fleet.checkpoints, request_iterator, begin)
             first = header[0]
-            info = await self._fleet.accept_checkpoint(
-                donor_id, first.workload_id, first.epoch, upload.expected_sha256, size
-            )
+            try:
+                info = await self._fleet.accept_checkpoint(
+                    donor_id, first.workload_id, first.epoch, sha256, size
+                )
+            except Refused:
+                # The workload changed hands while its checkpoint was on its way: the
+                # file is nobody's checkpoint, and it holds a guest's memory.
+                await self._drop_unused_checkpoint(sha256)
+                raise
         except Refused as refusal:
             await refuse(context, refusal)
         except WireError as error:
             await refuse(context, Refused(Code.INVALID_ARGUMENT, str(error)))
         return serde.checkpoint_to_proto(info)
+
+    async def _drop_unused_checkpoint(self, sha256: str) -> None:
+        """Remove a stored checkpoint that no workload names (the same bytes may be
+        another's checkpoint already: files are named by their content)."""
+        workloads = await self._fleet.list_workloads()
+        if any(w.checkpoint is not None and w.checkpoint.sha256 == sha256 for w in workloads):
+            return
+        self._fleet.checkpoints.path(sha256).unlink(missing_ok=True)
+        log.info("checkpoint %s dropped: its workload changed during the upload", sha256[:12])
 
     async def PullCheckpoint(
         self, request: pb.CheckpointRequest, context: aio.ServicerContext[Any, Any]
@@ -278,27 +291,30 @@ async def _blocks(
 
 
 async def receive_upload(
-    upload: Upload, chunks: AsyncIterator[_Chunk], begin: Callable[[_Chunk], None]
-) -> int:
-    """Write an upload's chunks (`begin` checks the first one), verify it, return its
-    size. Refused INVALID_ARGUMENT naming the field when it is not what it claimed;
-    nothing is kept then."""
+    store: ImageStore, chunks: AsyncIterator[_Chunk], begin: Callable[[_Chunk], None]
+) -> tuple[str, int]:
+    """Store an upload's chunks (`begin` checks the first one, then its sha256 and size
+    are announced), verify it, return its (sha256, size). Refused INVALID_ARGUMENT naming
+    the field when it is not what it claimed. Whatever ends it early (a refusal, a
+    broken stream, a cancelled RPC) leaves nothing in the store."""
+    upload: Upload | None = None
     try:
-        first = True
         async for chunk in chunks:
-            if first:
+            if upload is None:
                 begin(chunk)
-                first = False
+                # On the loop, not a worker: a cancel while a worker made the file
+                # would leave it behind unnamed.
+                upload = store.upload()
+                upload.begin(chunk.sha256, chunk.total_size)
             await asyncio.to_thread(upload.write, chunk.data)
-        if first:
+        if upload is None:
             raise ImageUploadError("data: the upload was empty")
-        return await asyncio.to_thread(upload.finish)
+        return upload.expected_sha256, await asyncio.to_thread(upload.finish)
     except ImageUploadError as error:
-        upload.abort()
         raise Refused(Code.INVALID_ARGUMENT, str(error)) from None
-    except BaseException:
-        upload.abort()
-        raise
+    finally:
+        if upload is not None:
+            upload.abort()  # nothing to do once finished
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -355,14 +371,11 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: aio.ServicerContext[Any, Any]
     ) -> pb.ImageInfo:
         async def call() -> pb.ImageInfo:
-            upload = self._fleet.images.upload()
-            size = await receive_upload(
-                upload,
-                request_iterator,
-                lambda chunk: upload.begin(chunk.sha256, chunk.total_size),
+            sha256, size = await receive_upload(
+                self._fleet.images, request_iterator, lambda chunk: None
             )
-            await self._fleet.add_image(upload.expected_sha256, size)
-            return pb.ImageInfo(sha256=upload.expected_sha256, size=size)
+            await self._fleet.add_image(sha256, size)
+            return pb.ImageInfo(sha256=sha256, size=size)
 
         return await self._run("UploadImage", context, call)
 

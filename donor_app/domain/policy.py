@@ -36,15 +36,13 @@ from donor_app.domain.fleet import FleetPolicy, clamp
 from donor_app.domain.readings import ActivityReading, HostReading
 from donor_app.domain.schedule import find, next_boundary, next_start, occurrence_end
 from donor_app.domain.settings import (
+    SNOOZE_UNTIL_RESUMED,
     Caps,
     DonationWindow,
     OwnerLoadLimit,
     Settings,
     Weekday,
 )
-
-SNOOZE_UNTIL_RESUMED = timedelta(days=365 * 50)
-"""A snooze longer than this is "until I resume" (the tray sets one of a century)."""
 
 HEAT_HYSTERESIS_C = 5.0
 """Once paused for heat, resume only below `max_temperature_c` minus this."""

@@ -15,12 +15,39 @@ on each of its `days` and ends on the following day (Fri 22:00–06:00 ends Sat 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from enum import IntEnum
 from itertools import combinations
 
 WEEK = timedelta(days=7)
 DAY = timedelta(days=1)
+
+MAX_DURATION = timedelta(days=366)
+"""The longest duration a setting takes. Longer means "never" in practice, and every
+deadline the policy adds one to stays far inside what a datetime can hold."""
+
+MAX_WINDOWS = 7 * 24
+"""The most windows a schedule or the fleet's blackout may have: one per hour of the
+week, more than the tray's grid can draw. The overlap check's cost grows with their
+square, and a settings file is read again while the agent runs."""
+
+MAX_MIB = 64 * 1024 * 1024
+"""The largest memory cap in MiB (64 TiB, more than any machine lends)."""
+
+MAX_SNOOZE = timedelta(days=366)
+"""The longest snooze with an end. The agent's Snooze call takes nothing longer, and the
+settings file holds nothing longer except a snooze "until I resume"."""
+
+SNOOZE_FOREVER = timedelta(days=365 * 100)
+"""How far ahead a snooze "until I resume" is written: an end nobody lives to see."""
+
+SNOOZE_UNTIL_RESUMED = timedelta(days=365 * 50)
+"""A snooze ending further ahead than this is one "until I resume" (so one written
+decades ago still is)."""
+
+# A settings file is read after it was written; a clock set back in between must not
+# turn a snooze the agent wrote into an error.
+_CLOCK_SLACK = DAY
 
 
 class FieldError(ValueError):
@@ -102,10 +129,13 @@ class Window:
 
 
 def check_no_overlap(windows: tuple[Window, ...], path: str) -> None:
-    """Raise `FieldError` for the first window (as `path[i]`) that overlaps an earlier one.
+    """Raise `FieldError` for the first window (as `path[i]`) that overlaps an earlier one,
+    or naming `path` if there are more than `MAX_WINDOWS`.
 
     Windows that only touch (one ends when the next starts) do not overlap.
     """
+    if len(windows) > MAX_WINDOWS:
+        raise FieldError(path, f"has {len(windows)} windows; at most {MAX_WINDOWS}")
     spans = [(index, span) for index, window in enumerate(windows) for span in window.spans()]
     for (first, (a_start, a_end)), (second, (b_start, b_end)) in combinations(spans, 2):
         if first != second and any(
@@ -243,7 +273,8 @@ class Settings:
     last before the guests are moved away / saved to disk (both counted from the start
     of the activity; a `checkpoint_after` ≤ `evacuate_after` skips evacuation). Activity
     is input without a gap of `idle_after`, or the owner's own CPU load staying high.
-    `snooze_until`: no donating before this moment (timezone-aware).
+    `snooze_until`: no donating before this moment (timezone-aware). How far ahead it
+    may lie depends on when it is read, so `check_snooze` checks it where a clock is.
     """
 
     enabled: bool = True
@@ -294,12 +325,46 @@ def check_percent(path: str, value: float) -> None:
 
 
 def check_mib(path: str, value: int) -> None:
-    """Raise `FieldError` if `value` is negative."""
+    """Raise `FieldError` unless 0 ≤ `value` ≤ `MAX_MIB`."""
     if value < 0:
         raise FieldError(path, f"must be ≥ 0 MiB, got {value}")
+    if value > MAX_MIB:
+        # The value is not shown: it may have more digits than Python writes out.
+        raise FieldError(path, f"must be ≤ {MAX_MIB} MiB ({MAX_MIB >> 20} TiB)")
 
 
 def check_duration(path: str, value: timedelta) -> None:
-    """Raise `FieldError` if `value` is negative."""
-    if value < timedelta(0):
-        raise FieldError(path, f"must be ≥ 0 seconds, got {value.total_seconds():g}")
+    """Raise `FieldError` unless 0 ≤ `value` ≤ `MAX_DURATION`."""
+    if not timedelta(0) <= value <= MAX_DURATION:
+        raise FieldError(
+            path,
+            f"must be ≥ 0 seconds and at most {MAX_DURATION.days} days, "
+            f"got {value.total_seconds():g}",
+        )
+
+
+def check_snooze(path: str, until: datetime, now: datetime) -> None:
+    """Raise `FieldError` unless a snooze may end at `until` (timezone-aware) when read
+    at `now`: a snooze that is over, one at most `MAX_SNOOZE` ahead, or one "until I
+    resume" (more than `SNOOZE_UNTIL_RESUMED` and at most `SNOOZE_FOREVER` ahead)."""
+    ahead = until - now
+    if not (
+        ahead <= MAX_SNOOZE + _CLOCK_SLACK
+        or SNOOZE_UNTIL_RESUMED < ahead <= SNOOZE_FOREVER + _CLOCK_SLACK
+    ):
+        raise FieldError(
+            path,
+            f"must be at most {MAX_SNOOZE.days} days ahead (a pause until you resume is "
+            f"written {SNOOZE_FOREVER.days // 365} years ahead), got {until.isoformat()}",
+        )
+    if not _in_utc_range(until):  # only a moment long over gets here
+        raise FieldError(path, f"must lie in the years 1–9999 in UTC, got {until.isoformat()}")
+
+
+def _in_utc_range(moment: datetime) -> bool:
+    """Whether `moment` has a UTC time (9999-12-31T23:00-05:00 is in year 10000 there)."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True

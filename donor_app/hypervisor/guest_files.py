@@ -1,6 +1,7 @@
 """A guest's files on this host, under `<state_dir>/guests/<name>/`: its console log, its
 boot files from the image cache, and the private copy-on-write overlay a disk guest
-writes to (made with qemu-img; the cached base image is never written to).
+writes to (made with qemu-img; the cached base image is never written to). A disk
+guest's overlay saved on another donor is taken in only once checked (overlays.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
+from donor_app.hypervisor import overlays
 from donor_app.hypervisor.errors import HypervisorError, ImageError
 from donor_app.hypervisor.images import ImageCache
 from donor_app.hypervisor.xml import BootFiles
@@ -36,6 +38,13 @@ class GuestFiles:
     def remove(self, guest: str) -> None:
         shutil.rmtree(self.guest_dir(guest), ignore_errors=True)
 
+    def guests(self) -> list[str]:
+        """The guests that have a directory here."""
+        try:
+            return sorted(path.name for path in (self.state_dir / "guests").iterdir())
+        except FileNotFoundError:
+            return []
+
     def console_path(self, guest: str) -> Path:
         """The file the guest's serial console is written to."""
         return self.guest_dir(guest) / "console.log"
@@ -57,6 +66,9 @@ class GuestFiles:
         _run_qemu_img(
             spec.name, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)
         )
+        # The guest's disk writes: private to us (libvirt hands the file to QEMU's user
+        # while the guest runs, and back afterwards).
+        overlay.chmod(0o600)
         return BootFiles(disk_overlay=overlay)
 
     def for_arrival(self, spec: VmSpec) -> tuple[BootFiles, Path]:
@@ -78,18 +90,33 @@ class GuestFiles:
     def adopt_overlay(self, spec: VmSpec, overlay: Path) -> tuple[BootFiles, Path]:
         """Move a disk guest's overlay saved on another host into its directory here and
         point it at this host's copy of the base image (the same content: its sha256
-        names it). Returns the boot files and console log."""
+        names it). Returns the boot files and console log.
+
+        The overlay is checked first, before anything opens a file it names
+        (overlays.py): HypervisorError, and nothing taken in, for one that is not a plain
+        qcow2 over the base image.
+        """
         assert isinstance(spec.boot, DiskBoot)
         try:
             base = self.images.path(spec.boot.disk_sha256)
         except ImageError as exc:
             raise exc.for_guest(spec.name) from exc
+        try:
+            backing = overlays.check_header(overlay, spec.boot.disk_sha256)
+            overlays.check_with_qemu_img(overlay, backing)
+        except overlays.OverlayError as exc:
+            raise HypervisorError("restore", spec.name, f"disk overlay refused: {exc}") from exc
         placed = self.make_guest_dir(spec.name) / OVERLAY_FILE
         shutil.move(overlay, placed)
-        # -u: only the backing file's name changes; its content is the same image.
+        # -u: only the backing file's name changes (the one it named is never opened); its
+        # content is the same image.
         _run_qemu_img(
             spec.name, "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(placed)
         )
+        try:
+            overlays.check_chain(placed, base)
+        except overlays.OverlayError as exc:
+            raise HypervisorError("restore", spec.name, f"disk overlay refused: {exc}") from exc
         return BootFiles(disk_overlay=placed), self.console_path(spec.name)
 
 

@@ -6,7 +6,8 @@ It is the agent's one port to libvirt (a typed method per operation, never a pro
 it stays one class; each method only orders the calls of the parts beside it:
 `guest_domains` (finding a guest's domain, libvirt errors as `HypervisorError`),
 `guest_files` (its directory, boot files and disk overlay), `cpu_caps` (cputune or the
-duty cycle), `connect` and `migration`.
+duty cycle), `consoles` (each console file's cap), `save_image` (a checkpoint from another
+host, before libvirt reads it), `connect` and `migration`.
 
 Thread safety: libvirt connections may be used from several threads; each part guards
 its own small state with a lock.
@@ -25,7 +26,7 @@ import libvirt
 
 from donor_app.domain.guest import GuestInfo, GuestState, GuestUsage
 from donor_app.domain.vm import DiskBoot, VmSpec
-from donor_app.hypervisor import guest_domains, migration, process
+from donor_app.hypervisor import consoles, guest_domains, migration, process, save_image
 from donor_app.hypervisor.calls import libvirt_call, state_of_code
 from donor_app.hypervisor.connect import open_connection
 from donor_app.hypervisor.cpu_caps import CpuCapMode, CpuCaps, check_cpu_percent
@@ -36,11 +37,11 @@ from donor_app.hypervisor.guest_files import GuestFiles
 from donor_app.hypervisor.images import ImageCache
 from donor_app.hypervisor.probe import choose_virt_type
 from donor_app.hypervisor.xml import (
-    ISOLATED_NETWORK,
     BootFiles,
     build_domain_xml,
     build_isolated_network_xml,
-    retarget_domain_xml,
+    network_name,
+    saved_guest,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Hypervisor:
         state_dir: Path,
         virt_type: str,
         cpu_cap_mode: CpuCapMode = "auto",
+        console_max_bytes: int = consoles.MAX_BYTES,
     ) -> None:
         self._conn = conn
         self.uri = uri
@@ -70,6 +72,7 @@ class Hypervisor:
         self._lock = threading.Lock()
         self._events: LifecycleEvents | None = None
         self._leaving: set[str] = set()  # guests being live-migrated away
+        self._consoles = consoles.ConsoleCap(self._files, console_max_bytes)
 
     @classmethod
     def open(
@@ -80,11 +83,13 @@ class Hypervisor:
         state_dir: Path,
         virt_type: str | None = None,
         cpu_cap_mode: CpuCapMode = "auto",
+        console_max_bytes: int = consoles.MAX_BYTES,
     ) -> Hypervisor:
         """Connect to `uri` (e.g. qemu:///system, qemu:///embed?root=DIR, test:///FILE).
 
         `virt_type` None probes the host (see probe.py). `cpu_cap_mode` "auto" uses
         cputune and falls back to the duty cycle where the driver refuses it.
+        `console_max_bytes`: the cap on each guest's console file (consoles.py).
         """
         chosen = choose_virt_type(uri, virt_type)
         conn = open_connection(uri)
@@ -97,6 +102,7 @@ class Hypervisor:
             state_dir=state_dir,
             virt_type=chosen,
             cpu_cap_mode=cpu_cap_mode,
+            console_max_bytes=console_max_bytes,
         )
 
     def warm_up(self) -> None:
@@ -150,7 +156,8 @@ class Hypervisor:
     # --- lifecycle --------------------------------------------------------------------
 
     def define(self, spec: VmSpec) -> None:
-        """Define (not start) a guest. Nothing is left behind when this raises."""
+        """Define (not start) a guest, and its own network if the spec asks for one.
+        Nothing is left behind when this raises."""
         self._domains.forget(spec.name)  # a cached domain of an earlier guest is stale
         if self.exists(spec.name):
             raise HypervisorError("define", spec.name, "a guest with this name already exists")
@@ -165,11 +172,11 @@ class Hypervisor:
                 console_log=self.console_path(spec.name),
             )
             if spec.network:
-                self.ensure_isolated_network()
+                self._ensure_network(spec.name)
             with self._domains.call("define", spec.name):
                 self._conn.defineXML(xml)
         except BaseException:
-            self._files.remove(spec.name)
+            self._remove_guest_things(spec.name)
             raise
 
     def create(self, spec: VmSpec) -> None:
@@ -215,7 +222,8 @@ class Hypervisor:
             dom.destroy()
 
     def undefine(self, guest: str) -> None:
-        """Remove the guest entirely: destroyed if running, its managed save and files too."""
+        """Remove the guest entirely: destroyed if running, its managed save, files and
+        network too."""
         dom = self._domains.lookup("undefine", guest)
         self.destroy(guest)
         with self._domains.call("undefine", guest):
@@ -227,7 +235,7 @@ class Hypervisor:
                 dom.undefine()
         self._cpu.drop(guest)
         self._domains.forget(guest)
-        self._files.remove(guest)
+        self._remove_guest_things(guest)
 
     def state(self, guest: str) -> GuestState:
         """The guest's state; a guest under a duty-cycle cap counts as running."""
@@ -360,10 +368,18 @@ class Hypervisor:
         """This host's files for `spec` (boot files from the image cache, which must hold
         them already, and the console log path), for a guest arriving from another host.
 
-        Creates the guest's directory. Only kernel-boot guests move: a disk guest's
-        overlay holds state that a live migration here does not copy.
+        Creates the guest's directory, and its network if the spec asks for one. Only
+        kernel-boot guests move: a disk guest's overlay holds state that a live migration
+        here does not copy.
         """
-        return self._files.for_arrival(spec)
+        prepared = self._files.for_arrival(spec)
+        if spec.network:
+            try:
+                self._ensure_network(spec.name)
+            except BaseException:
+                self._remove_guest_things(spec.name)
+                raise
+        return prepared
 
     def migratable_xml(self, guest: str) -> str:
         """The running guest's definition as another host's libvirt accepts it."""
@@ -385,11 +401,19 @@ class Hypervisor:
     ) -> None:
         """Bring back a guest that another host saved (`save()`) to `save_path`.
 
-        The save image's definition is rewritten for this host's files, defined here
-        persistently (same uuid) and restored. A disk guest needs `disk_overlay`, its
-        overlay as saved with it: moved into the guest's directory and pointed at this
-        host's copy of the base image (the same content: its sha256 names it). Nothing
-        is left defined when this raises.
+        That host may be hostile, so its definition of the guest is not restored: the
+        guest is defined here from `spec`, as `define()` would, keeping of the saved
+        definition only a few checked values (`xml.saved_guest`: the uuid, the machine
+        type, the MAC address, the CPU features under KVM). This definition replaces the
+        donor's inside the save image (save_image.py) before libvirt reads the file, and
+        is passed to libvirt's restore as well; QEMU then loads the saved state into the
+        guest the spec builds, or refuses a state of another guest. `save_path` is
+        rewritten so.
+
+        A disk guest needs `disk_overlay`, its overlay as saved with it: checked
+        (overlays.py), moved into the guest's directory and pointed at this host's copy of
+        the base image (the same content: its sha256 names it). Nothing is left defined,
+        and none of the guest's files or network, when this raises.
         """
         self._domains.forget(spec.name)
         if self.exists(spec.name):
@@ -402,33 +426,59 @@ class Hypervisor:
                 if disk_overlay is None
                 else "disk_overlay: given for a guest that boots a kernel, not a disk",
             )
-        with self._domains.call("restore", spec.name):
-            saved_xml = self._conn.saveImageGetXMLDesc(str(save_path), 0)
+        try:
+            image = save_image.read(save_path)
+            saved = saved_guest(
+                image.xml,
+                image.cookie,
+                spec=spec,
+                domain_name=self.domain_name(spec.name),
+                virt_type=self.virt_type,
+            )
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(
+                "restore", spec.name, f"{save_path} does not fit this guest: {exc}"
+            ) from exc
+        self._check_uuid_free(spec.name, saved.uuid)
         try:
             files, console_log = (
                 self._files.adopt_overlay(spec, disk_overlay)
                 if disk_overlay is not None
                 else self._files.for_arrival(spec)
             )
-        except BaseException:
-            self._files.remove(spec.name)
-            raise
-        try:
-            xml = retarget_domain_xml(
-                saved_xml,
+            if spec.network:
+                self._ensure_network(spec.name)
+            xml = build_domain_xml(
+                spec,
                 domain_name=self.domain_name(spec.name),
+                virt_type=self.virt_type,
                 files=files,
                 console_log=console_log,
+                saved=saved,
             )
+            save_image.rewrite(save_path, image, xml)
             self._define_and_restore(spec.name, xml, save_path, paused)
-        except ValueError as exc:
-            self._files.remove(spec.name)
+        except (OSError, ValueError) as exc:
+            self._remove_guest_things(spec.name)
             raise HypervisorError(
                 "restore", spec.name, f"{save_path} does not fit this guest: {exc}"
             ) from exc
         except BaseException:
-            self._files.remove(spec.name)
+            self._remove_guest_things(spec.name)
             raise
+
+    def _check_uuid_free(self, guest: str, uuid: str) -> None:
+        """A checkpoint may not take the uuid of a domain this libvirt has (the owner's
+        own VM, another guest)."""
+        try:
+            other = self._conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise HypervisorError("restore", guest, exc.get_error_message()) from exc
+        raise HypervisorError(
+            "restore", guest, f"the checkpoint's uuid {uuid} is taken here by {other.name()!r}"
+        )
 
     def _define_and_restore(self, guest: str, xml: str, save_path: Path, paused: bool) -> None:
         with self._domains.call("restore", guest):
@@ -490,7 +540,7 @@ class Hypervisor:
                 self._leaving.discard(guest)
         self._cpu.drop(guest)
         self._domains.forget(guest)
-        self._files.remove(guest)
+        self._remove_guest_things(guest)
         return outcome
 
     # --- usage ------------------------------------------------------------------------
@@ -536,20 +586,47 @@ class Hypervisor:
                 self._events = LifecycleEvents(self._conn, self.guest_name, muted)
         return self._events
 
-    def ensure_isolated_network(self) -> None:
-        """Define and start the isolated network guests with `network=True` join."""
-        with libvirt_call("network", None):
-            names = self._conn.listDefinedNetworks() + self._conn.listNetworks()
-            if ISOLATED_NETWORK in names:
-                net = self._conn.networkLookupByName(ISOLATED_NETWORK)
-            else:
-                net = self._conn.networkDefineXML(build_isolated_network_xml())
+    def _ensure_network(self, guest: str) -> None:
+        """Define and start the guest's own isolated network (xml.py), unless it has one."""
+        name = network_name(guest)
+        with libvirt_call("network", guest):
+            try:
+                net = self._conn.networkLookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                    raise
+                net = self._conn.networkDefineXML(build_isolated_network_xml(guest))
             if not net.isActive():
                 net.create()
+            # Back with the host: a guest the agent starts after a reboot finds it.
+            net.setAutostart(1)
+
+    def _remove_network(self, guest: str) -> None:
+        """Stop and undefine the guest's network, if it has one."""
+        with libvirt_call("network", guest):
+            try:
+                net = self._conn.networkLookupByName(network_name(guest))
+            except libvirt.libvirtError as exc:
+                # No such network, or a driver without networks (an embedded one).
+                if exc.get_error_code() in (libvirt.VIR_ERR_NO_NETWORK, libvirt.VIR_ERR_NO_SUPPORT):
+                    return
+                raise
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+
+    def _remove_guest_things(self, guest: str) -> None:
+        """What this host keeps for a guest besides its domain: its files and network."""
+        try:
+            self._remove_network(guest)
+        finally:
+            self._files.remove(guest)
 
     def close(self) -> None:
-        """Stop duty cycles (guests keep running) and close the connection."""
+        """Stop duty cycles and the console cap (guests keep running) and close the
+        connection."""
         self._cpu.stop_all()
+        self._consoles.close()
         if self._events is not None:
             self._events.close()
             self._events = None

@@ -4,6 +4,13 @@ A file whose content no longer matches its name is refused and removed, so a gue
 boots from a tampered or truncated image. Hashing a multi-GiB disk at every start would
 be slow, so a file verified once is remembered (by size, mtime and inode) for the life of
 this object; any change to the file makes it verified again.
+
+Images are the agent's alone: files 0600, whatever the umask. Under qemu:///system QEMU
+runs as another user and opens a guest's kernel, initrd or base disk by its path; libvirt
+hands each file to that user while a guest uses it (its DAC driver's dynamic_ownership,
+on by default), but cannot open the directories on the way, so these let others through
+(0711) without letting them list the cache. Downloads in progress stay in a 0700
+directory of their own.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ import platformdirs
 
 from donor_app.domain.vm import SHA256_PATTERN
 from donor_app.hypervisor.errors import ImageError
+from donor_app.private_files import PRIVATE_FILE, narrow_files, private_dir
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+# Others may pass through to a file they are given (QEMU), not list or read.
+PASS_THROUGH_DIR = 0o711
 
 
 def sha256_file(path: Path) -> str:
@@ -40,12 +50,28 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 class ImageCache:
-    """Images under `root/sha256/<hex>`, readable by the QEMU user (mode 0644)."""
+    """Images under `root/sha256/<hex>` (0600). A cache that exists is narrowed when
+    this is made, if an older version left it wider (logged)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
+        if root.is_dir():
+            narrow_files(self._store_dir(), PRIVATE_FILE)
+            incoming = root / "incoming"
+            if incoming.is_dir():
+                private_dir(incoming)
+
+    def _store_dir(self) -> Path:
+        """`root/sha256`, made (or narrowed) with the directories above it."""
+        private_dir(self.root, PASS_THROUGH_DIR)
+        return private_dir(self.root / "sha256", PASS_THROUGH_DIR)
+
+    def incoming_dir(self) -> Path:
+        """A private directory for downloads on their way into the cache (`add_file`)."""
+        private_dir(self.root, PASS_THROUGH_DIR)
+        return private_dir(self.root / "incoming")
 
     @classmethod
     def default(cls) -> ImageCache:
@@ -66,11 +92,12 @@ class ImageCache:
         With `expected_sha256`, a copy whose content differs is refused (ImageError) and
         nothing is left in the cache.
         """
-        store = self.root / "sha256"
-        store.mkdir(parents=True, exist_ok=True)
+        store = self._store_dir()
         fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=store)
         tmp = Path(tmp_name)
         try:
+            if os.name == "posix":
+                os.fchmod(fd, PRIVATE_FILE)  # mkstemp's 0600 went through the umask
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
                 shutil.copyfileobj(src, out, _CHUNK)
                 out.flush()
@@ -80,7 +107,6 @@ class ImageCache:
                 raise ImageError(
                     expected_sha256, f"content of {source} has sha256 {actual}: refused"
                 )
-            tmp.chmod(0o644)
             final = self._file(actual)
             os.replace(tmp, final)
             with self._lock:

@@ -3,7 +3,10 @@
 Client-managed, not peer-to-peer: this process opens the target's libvirt itself and
 `virDomainMigrate3` runs the Begin/Prepare/Perform/Finish/Confirm steps between the two
 daemons. The source daemon so needs no credentials for the target's libvirt; only the
-migration stream (`MigrationTarget.migrate_uri`) goes from QEMU to QEMU.
+migration stream (`MigrationTarget.migrate_uri`) goes from QEMU to QEMU. This process,
+though, holds a read-write connection to the target's libvirt, which is root there: a
+live move is only for two libvirt daemons one administrator controls, never between
+donors that do not trust each other (docs/migration.md, "Live moves and trust").
 
 `migrate3` blocks, so it runs on a worker thread while the caller's thread watches the
 job: it reports progress and aborts the job at the deadline. Whatever happens the guest

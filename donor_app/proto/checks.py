@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from donor_app.domain.link import MAX_TEXT
-from donor_app.proto.serde import moment
+from donor_app.proto.serde import moment_from_wire
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -35,8 +37,19 @@ def identifier(path: str, value: str) -> str:
     return value
 
 
-def optional_time(message: object, name: str) -> datetime | None:
-    """The timestamp field `name` of `message` as a datetime, None when unset."""
+def time_at(path: str, stamp: Timestamp) -> datetime:
+    """A timestamp from the wire as a datetime (WireError naming `path` if it is outside
+    protobuf's range, 0001-01-01 to 9999-12-31: a donor's stream must end with
+    INVALID_ARGUMENT then, not as if it had simply closed)."""
+    try:
+        return moment_from_wire(path, stamp)
+    except ValueError as error:
+        raise WireError(str(error)) from None
+
+
+def optional_time(path: str, message: object, name: str) -> datetime | None:
+    """The timestamp field `name` of `message` (at `path`) as a datetime, None when
+    unset; WireError naming `path.name` if it is out of range."""
     if message.HasField(name):  # type: ignore[attr-defined]
-        return moment(getattr(message, name))
+        return time_at(f"{path}.{name}", getattr(message, name))
     return None

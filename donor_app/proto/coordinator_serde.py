@@ -14,8 +14,8 @@ from donor_app.domain import link
 from donor_app.domain.decision import Level
 from donor_app.domain.guest import GuestState
 from donor_app.domain.vm import ARCHES, SHA256_PATTERN
-from donor_app.proto.checks import WireError, identifier, optional_time, text
-from donor_app.proto.serde import moment, timestamp
+from donor_app.proto.checks import WireError, identifier, optional_time, text, time_at
+from donor_app.proto.serde import timestamp
 from donor_app.proto.spec_serde import spec_from_proto, spec_to_proto
 from donor_app.proto.v1 import coordinator_pb2 as pb
 
@@ -60,7 +60,7 @@ def capacity_from_proto(message: pb.Capacity, path: str = "capacity") -> link.Ca
         arch=message.arch,
         lend_cpu_percent=message.lend_cpu_percent,
         lend_memory_mib=message.lend_memory_mib,
-        lend_until=optional_time(message, "lend_until"),
+        lend_until=optional_time(path, message, "lend_until"),
         idle=message.idle,
     )
 
@@ -256,7 +256,7 @@ def checkpoint_from_proto(message: pb.CheckpointInfo, path: str) -> link.Checkpo
         sha256=message.sha256,
         size=message.size,
         epoch=message.epoch,
-        taken_at=moment(message.taken_at),
+        taken_at=time_at(f"{path}.taken_at", message.taken_at),
         donor_id=identifier(f"{path}.donor_id", message.donor_id) if message.donor_id else "",
     )
 
@@ -375,7 +375,10 @@ def command_from_proto(wire: pb.Command) -> link.Command:
     kind = wire.WhichOneof("kind")
     message: link.CoordinatorMessage
     if kind == "ack":
-        message = link.Ack(event_seq=wire.ack.event_seq, lease_until=moment(wire.ack.lease_until))
+        message = link.Ack(
+            event_seq=wire.ack.event_seq,
+            lease_until=time_at("ack.lease_until", wire.ack.lease_until),
+        )
     elif kind == "welcome":
         message = link.Welcome(
             donor_id=identifier("welcome.donor_id", wire.welcome.donor_id),

@@ -1,11 +1,15 @@
 """Proto ↔ domain conversion for the agent's local API: the only module that knows both.
 
-Wire types never enter the domain; servicers and clients call these functions.
+Wire types never enter the domain; servicers and clients call these functions. What
+comes off the wire is checked here: a bad field raises ValueError whose message starts
+with the field's path ("until: seconds ..."), which the server answers as
+INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -44,8 +48,42 @@ def timestamp(moment: datetime) -> Timestamp:
     return stamp
 
 
+# protobuf's Timestamp covers 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z
+# (the range of RFC 3339 and of Python's datetime); nanos are always 0 to 999,999,999.
+FIRST_SECOND = -62_135_596_800
+LAST_SECOND = 253_402_300_799
+MAX_NANOS = 999_999_999
+
+
 def moment(stamp: Timestamp) -> datetime:
+    """A timestamp this program wrote (protobuf's ValueError, naming nothing, if bad)."""
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def moment_from_wire(path: str, stamp: Timestamp) -> datetime:
+    """A timestamp from another process, as an aware UTC datetime (ValueError naming `path`
+    if it is outside protobuf's range).
+
+    Checked here rather than left to `ToDatetime`, whose error names no field (so a
+    server could only answer it as an unexpected failure).
+    """
+    if not FIRST_SECOND <= stamp.seconds <= LAST_SECOND:
+        raise ValueError(
+            f"{path}: seconds {stamp.seconds} is outside 0001-01-01..9999-12-31 "
+            f"({FIRST_SECOND}..{LAST_SECOND})"
+        )
+    if not 0 <= stamp.nanos <= MAX_NANOS:
+        raise ValueError(f"{path}: nanos {stamp.nanos} is outside 0..{MAX_NANOS}")
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _optional_moment(
+    message: pb.Status, name: Literal["next_change", "snoozed_until"]
+) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    stamp: Timestamp = getattr(message, name)
+    return moment_from_wire(name, stamp)
 
 
 def level_to_proto(level: Level) -> pb.Level.ValueType:
@@ -131,10 +169,10 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
         cause=cause,
         caps=EffectiveCaps(message.caps.cpu_percent, int(message.caps.memory_mib)),
         reason=message.reason,
-        next_change=moment(message.next_change) if message.HasField("next_change") else None,
+        next_change=_optional_moment(message, "next_change"),
     )
     return AgentStatus(
-        at=moment(message.at),
+        at=moment_from_wire("at", message.at),
         decision=decision,
         guests=tuple(
             GuestSnapshot(
@@ -146,7 +184,7 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
             )
             for i, g in enumerate(message.guests)
         ),
-        snoozed_until=moment(message.snoozed_until) if message.HasField("snoozed_until") else None,
+        snoozed_until=_optional_moment(message, "snoozed_until"),
         snoozed_indefinitely=message.snoozed_indefinitely,
         settings_error=message.settings_error,
         user_agent=message.user_agent,
@@ -157,7 +195,8 @@ def status_from_proto(message: pb.Status) -> AgentStatus:
             donor_id=message.coordinator.donor_id,
         ),
         moves=tuple(
-            GuestMove(moment(m.at), m.guest, m.event, m.peer, m.detail) for m in message.moves
+            GuestMove(moment_from_wire(f"moves[{i}].at", m.at), m.guest, m.event, m.peer, m.detail)
+            for i, m in enumerate(message.moves)
         ),
     )
 
@@ -179,6 +218,9 @@ def history_to_proto(buckets: list[HourBucket], totals: Totals) -> pb.History:
 
 def history_from_proto(message: pb.History) -> tuple[list[HourBucket], Totals]:
     buckets = [
-        HourBucket(moment(b.hour), b.cpu_seconds, b.memory_gib_hours) for b in message.buckets
+        HourBucket(
+            moment_from_wire(f"buckets[{i}].hour", b.hour), b.cpu_seconds, b.memory_gib_hours
+        )
+        for i, b in enumerate(message.buckets)
     ]
     return buckets, Totals(message.cpu_hours, message.memory_gib_hours)

@@ -43,7 +43,9 @@ the defaults plus a schedule)::
 
 Memory: setting one of ``memory_mib`` / ``memory_percent`` in a table replaces both
 inherited values; setting both caps by the smaller. Windows must not overlap; ``end``
-equal to ``start`` is an error.
+equal to ``start`` is an error. Durations are 0 to 366 days, ``memory_mib`` at most
+64 TiB. ``snooze_until`` lies at most 366 days ahead, as the tray's Snooze sets it, or a
+century ahead for "until I resume" (the agent writes both; one already over is fine).
 
 The administrator's ``fleet.toml`` (in the site config dir, e.g. /etc/xdg/donor_app)::
 
@@ -65,8 +67,11 @@ The administrator's ``fleet.toml`` (in the site config dir, e.g. /etc/xdg/donor_
 
 A missing file means the defaults (no bounds for the fleet). A key that is unknown, of
 the wrong type or out of range raises `ConfigError` naming the file, the dotted key
-("schedule[1].caps.idle.cpu_percent") and what is allowed. `SettingsStore` keeps the
-last good values in force while a file is invalid.
+("schedule[1].caps.idle.cpu_percent") and what is allowed; so does a file that is not
+UTF-8 TOML of at most 1 MiB, and a ``ca_file`` or ``token_file`` that is not a readable
+regular file of at most 1 MiB (a missing ``token_file`` only means no token). Nothing
+else comes out of the readers, whatever a file holds. `SettingsStore` keeps the last
+good values in force while a file is invalid.
 
 The work is done by one module per job: `toml_reader` (reading a file and its tables,
 `ConfigError`), `owner_file` (settings.toml), `fleet_file` (fleet.toml, its
@@ -92,7 +97,7 @@ from donor_app.settings.owner_file import (
     save_settings,
 )
 from donor_app.settings.store import SettingsStore
-from donor_app.settings.toml_reader import ConfigError
+from donor_app.settings.toml_reader import ConfigError, parse_toml
 
 __all__ = [
     "DEFAULT_ENROLL_PORT",
@@ -108,5 +113,6 @@ __all__ = [
     "parse_link_config",
     "parse_migration_endpoint",
     "parse_settings",
+    "parse_toml",
     "save_settings",
 ]

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from donor_app.domain.fleet import FleetPolicy
 from donor_app.domain.settings import Window
-from donor_app.settings.toml_reader import Table, read_toml, read_window, shown, validated
+from donor_app.settings.toml_reader import (
+    MAX_FILE_BYTES,
+    Table,
+    Unreadable,
+    read_file,
+    read_toml,
+    read_window,
+    shown,
+    too_large,
+    validated,
+)
 
 _DEFAULT_FLEET = FleetPolicy()
 
@@ -60,7 +70,12 @@ def _blackout(table: Table) -> Window:
 
 # --- the coordinator link (the fleet file's [coordinator] table) ---------------------------
 
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+# A host is a bracketed IPv6 address, or names and numbers of 1-63 characters between
+# single dots, as a resolver takes them ("a..b" would fail there, not here).
+_HOST_PORT = re.compile(
+    r"^(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}\.?):([0-9]{1,5})$"
+)
+_MAX_HOST = 253
 DEFAULT_ENROLL_PORT = 7444
 
 
@@ -123,14 +138,15 @@ def parse_migration_endpoint(data: Mapping[str, object], file: Path) -> Migratio
 
 def _host_port(table: Table, name: str, value: str) -> str:
     match = _HOST_PORT.fullmatch(value)
-    if match is None or not 0 < int(match.group(2)) <= 65535:
+    if match is None or len(match.group(1)) > _MAX_HOST or not 0 < int(match.group(2)) <= 65535:
         raise table.error(name, f'must be "host:port", got {shown(value)}')
     return value
 
 
 def parse_link_config(data: Mapping[str, object], file: Path) -> LinkConfig | None:
     """The [coordinator] table of a fleet file, None without one. Files it names
-    (ca_file, token_file) are read now; a missing one is a ConfigError naming the key."""
+    (ca_file, token_file) are read now; a ca_file that is missing, and either that cannot
+    be read, is a ConfigError naming the key (a missing token_file: no token)."""
     table = Table(file, data).table("coordinator")
     if table is None:
         return None
@@ -139,28 +155,45 @@ def parse_link_config(data: Mapping[str, object], file: Path) -> LinkConfig | No
     enroll = table.string("enroll_address", f"{host}:{DEFAULT_ENROLL_PORT}")
     enroll = _host_port(table, "enroll_address", enroll)
     ca_pem_text = table.string("ca_pem", "")
-    ca_file = table.string("ca_file", "")
+    ca_file = table.path("ca_file")
     token = table.string("token", "") or None
-    token_file_name = table.string("token_file", "")
+    token_file = table.path("token_file")
     table.done()
     if bool(ca_pem_text) == bool(ca_file):
         raise table.error("ca_file", "give either ca_file or ca_pem (the coordinator's CA)")
-    ca_pem = ca_pem_text.encode()
-    if ca_file:
+    if ca_file is not None:
+        ca_pem = _named_file(table, "ca_file", ca_file)
+        if ca_pem is None:
+            raise table.error("ca_file", f"cannot read {ca_file}: it does not exist")
+    else:
         try:
-            ca_pem = Path(ca_file).read_bytes()
-        except OSError as error:
-            raise table.error("ca_file", f"cannot read {ca_file}: {error.strerror}") from None
+            ca_pem = ca_pem_text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: only in data handed over directly
+            raise table.error("ca_pem", "must be PEM text") from None
     if b"BEGIN CERTIFICATE" not in ca_pem:
         raise table.error("ca_file" if ca_file else "ca_pem", "is not a PEM certificate")
-    token_file = Path(token_file_name) if token_file_name else None
-    if token is None and token_file is not None and token_file.exists():
-        try:
-            token = token_file.read_text().strip() or None
-        except OSError as error:
-            raise table.error("token_file", f"cannot read it: {error.strerror}") from None
+    if token is None and token_file is not None:
+        content = _named_file(table, "token_file", token_file)
+        if content is not None:
+            try:
+                token = content.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                raise table.error("token_file", "is not UTF-8 text") from None
     migration = parse_migration_endpoint(data, file)
     return LinkConfig(address, enroll, ca_pem, token, token_file, migration)
+
+
+def _named_file(table: Table, key: str, file: Path) -> bytes | None:
+    """The content of a file the table names under `key`; None if it does not exist.
+    `ConfigError` naming `key` if it cannot be read or is too large to be what it names
+    (a token, a CA certificate)."""
+    try:
+        content = read_file(file)
+    except Unreadable as error:
+        raise table.error(key, f"cannot read {file}: {error}") from None
+    if content is not None and too_large(content):
+        raise table.error(key, f"{file} is larger than {MAX_FILE_BYTES // 1024} KiB")
+    return content
 
 
 def load_link_config(file: Path) -> LinkConfig | None:

@@ -12,21 +12,32 @@ from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
 from donor_app.atomic_file import write_atomic
-from donor_app.domain.settings import Caps, DonationWindow, Limits, OwnerLoadLimit, Settings
+from donor_app.domain.settings import (
+    Caps,
+    DonationWindow,
+    Limits,
+    OwnerLoadLimit,
+    Settings,
+    check_snooze,
+)
 from donor_app.settings.toml_reader import Table, read_toml, read_window, validated
 
 _DEFAULT_SETTINGS = Settings()
 _DEFAULT_LOAD = OwnerLoadLimit()
 
 
-def load_settings(file: Path) -> Settings:
-    """The owner's settings from `file` (defaults if it does not exist)."""
+def load_settings(file: Path, *, now: datetime | None = None) -> Settings:
+    """The owner's settings from `file` (defaults if it does not exist), read at `now`
+    (default: the system clock)."""
     data = read_toml(file)
-    return _DEFAULT_SETTINGS if data is None else parse_settings(data, file)
+    return _DEFAULT_SETTINGS if data is None else parse_settings(data, file, now=now)
 
 
-def parse_settings(data: Mapping[str, object], file: Path) -> Settings:
-    """Settings from parsed TOML; `file` is only named in errors."""
+def parse_settings(
+    data: Mapping[str, object], file: Path, *, now: datetime | None = None
+) -> Settings:
+    """Settings from parsed TOML; `file` is only named in errors. `now` (default: the
+    system clock) bounds `snooze_until` as the Snooze call is bounded."""
     root = Table(file, data)
     caps = _caps(root.table("caps"), _DEFAULT_SETTINGS.caps)
     schedule = tuple(_donation_window(entry, caps) for entry in root.tables("schedule"))
@@ -40,9 +51,9 @@ def parse_settings(data: Mapping[str, object], file: Path) -> Settings:
     max_temperature = root.number("max_temperature_c", _DEFAULT_SETTINGS.max_temperature_c)
     snooze_until = root.moment("snooze_until")
     root.done()
-    return validated(
-        file,
-        lambda: Settings(
+
+    def build() -> Settings:
+        settings = Settings(
             enabled=enabled,
             caps=caps,
             schedule=schedule,
@@ -54,8 +65,12 @@ def parse_settings(data: Mapping[str, object], file: Path) -> Settings:
             pause_on_heat=pause_on_heat,
             max_temperature_c=max_temperature,
             snooze_until=snooze_until,
-        ),
-    )
+        )
+        if snooze_until is not None:  # timezone-aware: Settings checked that
+            check_snooze("snooze_until", snooze_until, now or datetime.now(UTC))
+        return settings
+
+    return validated(file, build)
 
 
 def _caps(table: Table | None, base: Caps) -> Caps:

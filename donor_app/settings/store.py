@@ -52,10 +52,13 @@ class _Watched(Generic[_T]):
         """Read the file again; True if the value in force changed."""
         try:
             value = self._load(self.file)
-        except ConfigError as error:
+        except Exception as failure:  # see _as_config_error
+            error = _as_config_error(self.file, failure)
             if self.error is None or str(error) != str(self.error):
                 kept = "keeping the last good values" if self._ever_good else "using safe values"
-                _log.warning("%s; %s", error, kept)
+                # A reader's own failure (not a ConfigError) is a bug: log where it was.
+                trace = None if failure is error else failure
+                _log.warning("%s; %s", error, kept, exc_info=trace)
             self.error = error
             if self._ever_good:
                 return False
@@ -120,6 +123,15 @@ class SettingsStore:
         """
         save_settings(settings, self._settings.file)
         self._settings.set(settings)
+
+
+def _as_config_error(file: Path, error: Exception) -> ConfigError:
+    """`error` as a `ConfigError`. The readers raise nothing else; should one ever fail
+    otherwise, the file still counts as invalid rather than stopping the engine thread
+    that reloads it (and with it every decision)."""
+    if isinstance(error, ConfigError):
+        return error
+    return ConfigError(file, "", f"cannot be read ({type(error).__name__}: {error})")
 
 
 def _fail_closed(error: ConfigError) -> FleetPolicy:

@@ -5,24 +5,33 @@ whose errors are `ConfigError`s naming the dotted key ("schedule[1].caps.idle.cp
 and what is allowed, and whose `done()` rejects the keys nobody asked for. Both config
 files (`owner_file`, `fleet_file`) are read with these. Standard library and the domain
 only: the fleet-config checker carries this module.
+
+Whatever a file holds, only `ConfigError` comes out: an agent reads these files on its
+engine thread, where any other exception would stop every decision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from donor_app.domain.settings import FieldError, Weekday, Window
+from donor_app.domain.settings import MAX_DURATION, FieldError, Weekday, Window
 
 _T = TypeVar("_T")
 
 _DAY_NAMES = {day.name.lower(): day for day in Weekday}
 _TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?")
+
+MAX_FILE_BYTES = 1 << 20
+"""The largest configuration file (or file one names) that is read at all."""
 
 
 class ConfigError(Exception):
@@ -36,20 +45,66 @@ class ConfigError(Exception):
         self.reason = reason
 
 
-def read_toml(file: Path) -> dict[str, object] | None:
-    """The parsed content of `file`; None if it does not exist. `ConfigError` for a file
-    that cannot be read, is not UTF-8 or is not valid TOML."""
+class Unreadable(Exception):
+    """A file cannot be read; the text says why, in words for an owner or an admin."""
+
+
+def read_file(file: Path) -> bytes | None:
+    """The content of `file` up to one byte more than `MAX_FILE_BYTES` (so that a caller
+    can tell it is too large); None if it does not exist. `Unreadable` if the path is
+    none the system takes, names no regular file, or cannot be read."""
     try:
-        raw = file.read_bytes()
+        # Non-blocking, so that a FIFO does not hang the reader; it is refused below.
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise ConfigError(file, "", f"cannot read it: {error.strerror or error}") from None
+        raise Unreadable(error.strerror or str(error)) from None
+    except ValueError:  # a NUL in the path
+        raise Unreadable("the path contains a NUL character") from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            # /dev/zero would never end; a directory or a device is no config.
+            raise Unreadable("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            return stream.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise Unreadable(error.strerror or str(error)) from None
+    finally:
+        os.close(fd)
+
+
+def too_large(content: bytes) -> bool:
+    """Whether `content` (from `read_file`) is more than `MAX_FILE_BYTES`."""
+    return len(content) > MAX_FILE_BYTES
+
+
+def read_toml(file: Path) -> dict[str, object] | None:
+    """The parsed content of `file`; None if it does not exist. `ConfigError` for a file
+    that cannot be read, is too large, is not UTF-8 or is not valid TOML."""
+    try:
+        raw = read_file(file)
+    except Unreadable as error:
+        raise ConfigError(file, "", f"cannot read it: {error}") from None
+    return None if raw is None else parse_toml(raw, file)
+
+
+def parse_toml(raw: bytes, file: Path) -> dict[str, object]:
+    """`raw` (from `read_file`) parsed; `ConfigError` naming `file` if it is too large, not
+    UTF-8 or not TOML that Python can hold."""
+    if too_large(raw):
+        raise ConfigError(file, "", f"is larger than {MAX_FILE_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(file, "", "is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as error:
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(file, "", "has arrays or tables nested too deeply") from None
+    except ValueError as error:
+        # TOMLDecodeError, and the ValueError for an integer of more digits than Python
+        # converts (over 4300).
         raise ConfigError(file, "", f"is not valid TOML: {error}") from None
 
 
@@ -114,7 +169,12 @@ class Table:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, f"must be a number, got {shown(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            # An integer beyond every float is beyond every range too: as an infinity,
+            # the range check that follows names the range.
+            return math.inf if value > 0 else -math.inf
 
     def number(self, name: str, default: float) -> float:
         value = self.optional_number(name)
@@ -143,7 +203,17 @@ class Table:
         try:
             return timedelta(seconds=value)
         except (OverflowError, ValueError):
-            raise self.error(name, f"must be a number of seconds ≥ 0, got {value:g}") from None
+            raise self.error(
+                name,
+                f"must be a number of seconds from 0 to {MAX_DURATION.days} days, got {value:g}",
+            ) from None
+
+    def path(self, name: str) -> Path | None:
+        """A file path; None when unset or empty."""
+        text = self.string(name, "")
+        if "\0" in text:
+            raise self.error(name, f"must be a file path without NUL characters, got {shown(text)}")
+        return Path(text) if text else None
 
     def time_of_day(self, name: str) -> time:
         value = self._required(name)
@@ -203,5 +273,10 @@ class Table:
 
 def shown(value: object) -> str:
     """A value as the owner wrote it, short."""
-    text = repr(value) if not isinstance(value, bool) else str(value).lower()
+    try:
+        text = repr(value) if not isinstance(value, bool) else str(value).lower()
+    except (ValueError, RecursionError):
+        # An integer of more digits than Python writes out, or nesting deeper than repr
+        # goes: only data handed over directly (not read from a file) holds these.
+        return f"a {type(value).__name__} too large to show"
     return text if len(text) <= 40 else text[:37] + "..."

@@ -4,7 +4,10 @@ package is built; the checker's own module is imported."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +15,7 @@ from types import ModuleType
 import pytest
 
 from donor_app.settings.config import load_fleet, load_link_config
+from tests.config_fuzz import FLEET, WORST, places, prepare, replaced, shown_value, toml
 
 CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -114,6 +118,91 @@ def test_bad_input_is_rejected_and_nothing_is_written(
     assert fleet_check.main(["install", str(source), str(site)]) == code
     assert words in capsys.readouterr().err
     assert not site.exists()
+
+
+def _hostile_sources(tmp_path: Path) -> list[tuple[str, Path]]:
+    """Fleet configs that made the checker fail with a traceback: each is invalid (4)."""
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    os.mkfifo(tmp_path / "fifo")
+    coordinator = f'[coordinator]\naddress = "h:7443"\nca_pem = """{CA}"""\n'
+    texts = {
+        "nested": "reason = " + "[" * 5000 + "]" * 5000,
+        "digits": "max_cpu_percent = " + "9" * 5000,
+        "huge": "max_cpu_percent = " + "9" * 400,
+        "nul": coordinator + 'token_file = "/tmp/token\\u0000"',
+        "long": coordinator + f'token_file = "/tmp/{"t" * 300}"',
+        "binary": coordinator + f'token_file = "{tmp_path}/binary"',
+        "endless": coordinator + 'token_file = "/dev/zero"',
+        "fifo": coordinator + f'token_file = "{tmp_path}/fifo"',
+        "host": '[coordinator]\naddress = "a..b:7443"\n' + f'ca_pem = """{CA}"""',
+    }
+    sources = []
+    for name, text in texts.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        sources.append((name, path))
+    return sources
+
+
+def test_hostile_input_is_invalid_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, source in _hostile_sources(tmp_path):
+        site = tmp_path / f"site-{name}"
+        assert fleet_check.main(["install", str(source), str(site)]) == 4, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"donor-app: fleet config rejected: {source}: "), name
+        assert not site.exists(), name
+
+
+@pytest.mark.parametrize("place", places(FLEET), ids=lambda p: ".".join(map(str, p)))
+def test_every_hostile_value_is_valid_or_invalid_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], place: tuple[str | int, ...]
+) -> None:
+    """Each value of a valid fleet config replaced by the worst of each kind: the check
+    passes (and what would land is TOML again) or exits 4 with one line."""
+    prepare(tmp_path)
+    source = tmp_path / "source.toml"
+    for value in WORST:
+        document = replaced(FLEET, place, value)
+        assert isinstance(document, dict)
+        source.write_bytes(toml(document, tmp_path))
+        code = fleet_check.main(["check", str(source)])
+        err = capsys.readouterr().err
+        what = shown_value(value)
+        if code == 0:
+            data, _ = fleet_check.check(source)
+            fleet, _, _ = fleet_check.landed(data, tmp_path / "site")
+            assert tomllib.loads(fleet_check.dumps(fleet)) == fleet, what
+        else:
+            assert code == 4, (what, err)
+            assert err.count("\n") == 1, (what, err)
+            assert err.startswith(f"donor-app: fleet config rejected: {source}: "), (what, err)
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checker as the installers carry it (installer/build-fleet-check)."""
+    out = tmp_path_factory.mktemp("pyz") / "fleet-check.pyz"
+    build = Path(__file__).resolve().parents[2] / "installer" / "build-fleet-check"
+    subprocess.run([str(build), str(out)], check=True, env={**os.environ, "PYTHON": sys.executable})
+    return out
+
+
+def test_the_packed_checker_answers_hostile_input_with_one_line(tmp_path: Path, pyz: Path) -> None:
+    """Run as an installer runs it: exit 4 and one line on stderr, never a traceback."""
+    for name, source in _hostile_sources(tmp_path):
+        # -S: no site-packages, so only what the zipapp carries is importable.
+        done = subprocess.run(
+            [sys.executable, "-S", str(pyz), "check", str(source)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 4, (name, done.stderr[-2000:])
+        assert done.stderr.count("\n") == 1, (name, done.stderr[-2000:])
+        assert done.stderr.startswith("donor-app: fleet config rejected: "), name
 
 
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:

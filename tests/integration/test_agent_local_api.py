@@ -9,18 +9,23 @@ import itertools
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
-from datetime import datetime, timedelta
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from donor_app.agent.link.journal import MoveJournal
 from donor_app.agent.local_api import AgentAlreadyRunning, LocalApiServer
-from donor_app.agent.local_client import AgentRefused
+from donor_app.agent.local_client import AgentClient, AgentRefused, AgentUnavailable
 from donor_app.domain.decision import Cause, Level
 from donor_app.domain.guest import GuestState
+from donor_app.domain.status import AgentStatus, GuestMove
+from donor_app.proto import serde
 from donor_app.proto.v1 import agent_pb2 as pb
 from donor_app.proto.v1 import agent_pb2_grpc as pb_grpc
 from donor_app.settings.config import load_settings
@@ -199,3 +204,279 @@ def test_another_user_cannot_call_the_agent(agent: InProcessAgent):
         timeout=30,
     )
     assert result.returncode == 13, "user nobody could connect to the agent's socket"
+
+
+# --- many clients at once -------------------------------------------------------------
+
+
+class _Watcher:
+    """One tray's status stream, followed on its own thread; keeps what it saw."""
+
+    def __init__(self, socket: Path) -> None:
+        self.client = AgentClient(socket)
+        self.seen: list[AgentStatus] = []
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for status in self.client.watch():
+                with self._lock:
+                    self.seen.append(status)
+        except AgentUnavailable:
+            return  # closed by the test, or refused: `seen` says which
+
+    def saw(self, wanted: Callable[[AgentStatus], bool]) -> bool:
+        with self._lock:
+            return any(wanted(status) for status in self.seen)
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(5)
+
+
+@contextmanager
+def _watchers(socket: Path, count: int) -> Iterator[list[_Watcher]]:
+    with ExitStack() as stack:
+        watchers = []
+        for _ in range(count):
+            watcher = _Watcher(socket)
+            stack.callback(watcher.close)
+            watchers.append(watcher)
+        yield watchers
+
+
+def _served(watchers: list[_Watcher]) -> int:
+    return sum(1 for w in watchers if w.saw(lambda _: True))
+
+
+def test_calls_answer_at_once_while_fifty_status_streams_are_open(agent: InProcessAgent):
+    quick = AgentClient(agent.socket, timeout_s=2.0)
+    with quick, _watchers(agent.socket, 50) as watchers:
+        # At least as many streams as the old server had worker threads are being served.
+        wait_for(lambda: _served(watchers) >= 8, 10, "the first streams to be served")
+        quick.report_activity(datetime.now().astimezone(), events=1)
+        settings, _ = quick.settings()
+        assert settings.idle_after == timedelta(seconds=1)
+        assert quick.snooze(datetime.now().astimezone() + timedelta(hours=1)).snoozed_until
+        assert quick.resume().snoozed_until is None
+
+
+def test_fifty_status_streams_all_get_every_change(agent: InProcessAgent):
+    with _watchers(agent.socket, 50) as watchers:
+        wait_for(lambda: _served(watchers) == 50, 10, "all 50 streams to get a first snapshot")
+        agent.client.snooze(None)
+        wait_for(
+            lambda: all(w.saw(lambda s: s.snoozed_indefinitely) for w in watchers),
+            5,
+            "all 50 streams to see the snooze",
+        )
+        agent.client.resume()
+        wait_for(
+            lambda: all(w.seen[-1].decision.cause is not Cause.SNOOZED for w in watchers),
+            5,
+            "all 50 streams to see donating resumed",
+        )
+
+
+@pytest.fixture
+def capped(agent: InProcessAgent) -> Iterator[LocalApiServer]:
+    """A second local API on the same engine that takes at most 4 status streams."""
+    server = LocalApiServer(
+        agent.engine, agent.history, agent.root / "run" / "capped.sock", max_streams=4
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace_s=0)
+
+
+def test_streams_past_the_cap_are_refused_and_calls_still_answer(
+    agent: InProcessAgent, capped: LocalApiServer
+):
+    with _watchers(capped.socket_path, 4) as watchers:
+        wait_for(lambda: _served(watchers) == 4, 10, "the first 4 streams to be served")
+        with grpc.insecure_channel(f"unix:{capped.socket_path}") as channel:
+            stub = pb_grpc.AgentStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                next(iter(stub.WatchStatus(pb.WatchStatusRequest(), timeout=5)))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "WatchStatus: 4 streams open" in caught.value.details()
+        with AgentClient(capped.socket_path, timeout_s=2.0) as quick:
+            quick.report_activity(datetime.now().astimezone(), events=1)
+            assert quick.settings()[0].idle_after == timedelta(seconds=1)
+            watchers[0].close()
+
+            def status_if_served() -> AgentStatus | None:
+                try:
+                    return quick.status()
+                except AgentUnavailable:  # refused until the closed stream is gone
+                    return None
+
+            # A closed stream's place is free again.
+            assert wait_for(status_if_served, 5, "a new stream to be served").guests
+
+
+def test_a_stuck_engine_holds_back_only_the_calls_that_need_it(agent: InProcessAgent):
+    release = threading.Event()
+    agent.engine.submit(lambda: release.wait(30))  # the engine is busy until released
+    with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+        stub = pb_grpc.AgentStub(channel)
+        try:
+            calls = [
+                stub.GetSettings.future(pb.GetSettingsRequest(), timeout=20) for _ in range(40)
+            ]
+
+            def refused() -> list[grpc.Future]:
+                return [c for c in calls if c.done() and c.exception() is not None]
+
+            # Past MAX_WAITING_CALLS (32), calls are refused at once instead of piling up.
+            wait_for(lambda: len(refused()) == 8, 10, "8 calls to be refused")
+            for call in refused():
+                assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "GetSettings: 32 calls already waiting" in call.details()
+            # The owner's return waits for nothing.
+            with AgentClient(agent.socket, timeout_s=2.0) as quick:
+                quick.report_activity(datetime.now().astimezone(), events=1)
+        finally:
+            release.set()
+        answered = [c for c in calls if c.exception() is None]
+        assert len(answered) == 32
+        assert all(c.result().toml for c in answered)
+
+
+def _moves(n: int) -> tuple[GuestMove, ...]:
+    """A distinct, large change (about 100 KiB on the wire): a few of them fill a stream's
+    flow-control window, so the agent holds what a client does not read."""
+    at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=n)
+    return tuple(GuestMove(at, f"w-{n:08x}-{i}", "started", detail="x" * 2000) for i in range(50))
+
+
+def test_streams_nobody_reads_hold_only_the_latest_snapshot(agent: InProcessAgent):
+    api = agent.api
+    assert api is not None
+    channel = grpc.insecure_channel(f"unix:{agent.socket}")
+    stub = pb_grpc.AgentStub(channel)
+    # Opened and never read: the client takes no message off these streams.
+    unread = [stub.WatchStatus(pb.WatchStatusRequest()) for _ in range(20)]
+    reader = agent.client.watch()
+    try:
+        assert next(reader)  # the reader's stream is open
+        wait_for(lambda: len(api.stream_backlogs()) == 21, 10, "21 streams to be open")
+        for n in range(60):
+            agent.engine.set_moves(_moves(n))
+            # Published to every stream before the next change: the reader has it.
+            assert next(s for s in reader if s.moves == _moves(n))
+        backlogs = api.stream_backlogs()
+        assert len(backlogs) == 21
+        assert max(backlogs) <= 1, f"snapshots waiting per stream: {backlogs}"
+        # A stream that starts reading now gets the newest snapshot; the agent answers.
+        assert agent.client.status().moves == _moves(59)
+        agent.client.report_activity(datetime.now().astimezone(), events=1)
+    finally:
+        for stream in unread:
+            stream.cancel()
+        channel.close()
+
+
+# --- timestamps out of protobuf's range -----------------------------------------------
+
+LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z
+FIRST_SECOND = -62_135_596_800  # 0001-01-01T00:00:00Z
+HOUR = timedelta(hours=1)
+
+
+def _stamp(seconds: int, nanos: int = 0) -> Timestamp:
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _now_stamp() -> Timestamp:
+    return serde.timestamp(datetime.now().astimezone())
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_", "field"),
+    [
+        pytest.param(
+            "ReportActivity",
+            pb.ActivityReport(last_input=_stamp(LAST_SECOND + 1)),
+            "last_input",
+            id="report-after-9999",
+        ),
+        pytest.param(
+            "ReportActivity",
+            pb.ActivityReport(last_input=_stamp(0, -1)),
+            "last_input",
+            id="report-negative-nanos",
+        ),
+        pytest.param(
+            "ReportActivity",
+            pb.ActivityReport(last_input=_stamp(-(2**62))),
+            "last_input",
+            id="report-far-past",
+        ),
+        pytest.param(
+            "Snooze", pb.SnoozeRequest(until=_stamp(2**62)), "until", id="snooze-far-future"
+        ),
+        pytest.param(
+            "Snooze",
+            pb.SnoozeRequest(until=_stamp(1_900_000_000, 10**9)),
+            "until",
+            id="snooze-nanos-a-second",
+        ),
+        pytest.param(
+            "GetHistory",
+            pb.HistoryRequest(start=_stamp(FIRST_SECOND - 1), end=_now_stamp()),
+            "start",
+            id="history-start-before-year-1",
+        ),
+        pytest.param(
+            "GetHistory",
+            pb.HistoryRequest(start=_now_stamp(), end=_stamp(LAST_SECOND + 1)),
+            "end",
+            id="history-end-after-9999",
+        ),
+        pytest.param(
+            "GetHistory",
+            pb.HistoryRequest(start=_now_stamp(), end=_stamp(0, 2**31 - 1)),
+            "end",
+            id="history-end-nanos-too-large",
+        ),
+    ],
+)
+def test_an_out_of_range_timestamp_is_refused_naming_its_field(
+    agent: InProcessAgent, rpc: str, request_: object, field: str
+):
+    with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+        call = getattr(pb_grpc.AgentStub(channel), rpc)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request_, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert caught.value.details().startswith(f"{field}: ")
+        # The agent is unharmed.
+        assert pb_grpc.AgentStub(channel).GetSettings(pb.GetSettingsRequest(), timeout=5).toml
+
+
+def test_history_at_the_ends_of_time_is_answered(agent: InProcessAgent):
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    buckets, totals = agent.client.history(last - timedelta(days=1), last)
+    assert len(buckets) == 25
+    assert buckets[-1].start == datetime(9999, 12, 31, 23, tzinfo=UTC)
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    buckets, totals = agent.client.history(first, first + timedelta(days=1))
+    assert [b.start for b in buckets[:2]] == [first, first + HOUR]
+    assert totals.cpu_hours == 0
+
+
+def test_a_history_span_longer_than_the_agent_keeps_is_refused(agent: InProcessAgent):
+    now = datetime.now().astimezone()
+    with pytest.raises(AgentRefused, match="^end: "):
+        agent.client.history(now - timedelta(days=399), now)
+
+
+def test_input_reported_from_year_one_is_taken_and_changes_nothing(agent: InProcessAgent):
+    wait_for(lambda: agent.engine.level is Level.RUN, 10, "the engine to decide RUN")
+    agent.client.report_activity(datetime(1, 1, 1, tzinfo=UTC), events=1)
+    assert agent.client.status().decision.level is Level.RUN

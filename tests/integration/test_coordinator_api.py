@@ -256,6 +256,21 @@ def test_a_malformed_event_names_the_field(donor: RawDonor) -> None:
     assert (error.details() or "").startswith("hello.capacity.cores:")
 
 
+@pytest.mark.parametrize(("seconds", "nanos"), [(253_402_300_800, 0), (0, -1)])
+def test_a_time_out_of_range_names_the_field(donor: RawDonor, seconds: int, nanos: int) -> None:
+    """Year 10000 or negative nanos: the stream ends INVALID_ARGUMENT, not as if the
+    donor had simply closed it."""
+    donor.hello()
+    event = pb.DonorEvent(seq=2)
+    event.report.capacity.CopyFrom(pb.Capacity(cores=1, memory_mib=1024, arch="x86_64"))
+    event.report.capacity.lend_until.seconds = seconds
+    event.report.capacity.lend_until.nanos = nanos
+    donor.send_wire(event)
+    error = donor.wait_error()
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("report.capacity.lend_until:")
+
+
 def test_an_oversize_event_is_refused(donor: RawDonor) -> None:
     donor.hello()
     event = pb.DonorEvent(seq=2)

@@ -353,6 +353,8 @@ def test_a_disk_guest_writes_only_to_its_private_overlay(backend: Backend, tmp_p
             ["qemu-img", "info", "-U", str(overlay)], capture_output=True, text=True, check=True
         ).stdout
         assert f"backing file: {cached}" in info
+        # The guest's disk writes are private (libvirt lends the file to QEMU's user).
+        assert overlay.stat().st_mode & 0o777 == 0o600
     finally:
         backend.hv.undefine("disk-guest")
     assert backend.hv.images.path(sha) == cached  # the shared base is untouched (hash holds)
@@ -376,3 +378,44 @@ def test_guests_start_while_a_grpc_server_runs_in_the_same_process(
         assert qemu_backend.hv.state(guest) is GuestState.RUNNING
     finally:
         server.stop(None)
+
+
+def test_a_guest_printing_without_end_has_its_console_trimmed(qemu_backend: Backend):
+    # Here an embedded QEMU driver writes the console file itself (no virtlogd to roll it
+    # over): the agent keeps it under its cap, give or take what the guest prints between
+    # two looks (its serial port writes about 400 KB/s under TCG).
+    import time
+
+    from donor_app.hypervisor.consoles import MAX_BYTES
+
+    backend = qemu_backend
+    kernel, initrd = backend.images
+    cmdline = "console=ttyS0 quiet rdinit=/bin/busybox -- yes " + "0123456789abcdef" * 4
+    spec = VmSpec("spews", 1, 256, KernelBoot(kernel, initrd, cmdline))
+    console = backend.hv.console_path(spec.name)
+    backup = console.with_name(console.name + ".0")
+    backend.hv.create(spec)
+    try:
+        largest = 0
+        deadline = time.monotonic() + 120
+        trimmed_at = None
+        # Until a second after the first trim (it printed past the cap; it goes on).
+        while trimmed_at is None or time.monotonic() < trimmed_at + 1:
+            assert time.monotonic() < deadline, f"{console} was never trimmed"
+            largest = max(largest, _size(console))
+            assert largest < 2 * MAX_BYTES, f"the console reached {largest} bytes"
+            if trimmed_at is None and backup.exists():
+                trimmed_at = time.monotonic()
+            time.sleep(0.005)
+        assert MAX_BYTES < _size(backup) < 2 * MAX_BYTES
+        names = {p.name for p in console.parent.glob("console.log*")}
+        assert names - {"console.log.0.part"} == {"console.log", "console.log.0"}
+    finally:
+        backend.hv.undefine(spec.name)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

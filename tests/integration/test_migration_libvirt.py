@@ -1,4 +1,5 @@
-"""Live migration, and restore from another host's save, between two donors' libvirtd.
+"""Live migration, and restore from another host's save, between two donors' libvirtd;
+and what each guest gets of its donor (a network of its own, a console file with a cap).
 
 Two private libvirt daemons (tests/libvirtd.py) stand for two donor machines; each has a
 Hypervisor with its own image cache and state dir, so every host-local path differs as
@@ -16,7 +17,8 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -28,7 +30,8 @@ import pytest
 from donor_app.agent.link.workloads import FleetWorkloads, WorkloadError
 from donor_app.domain import link
 from donor_app.domain.guest import GuestState
-from donor_app.domain.vm import DiskBoot, VmSpec
+from donor_app.domain.vm import DiskBoot, KernelBoot, VmSpec
+from donor_app.hypervisor.consoles import MAX_BYTES as CONSOLE_MAX_BYTES
 from donor_app.hypervisor.errors import HypervisorError
 from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.images import ImageCache
@@ -41,6 +44,7 @@ from donor_app.hypervisor.migration import (
 from donor_app.hypervisor.xml import BootFiles
 from tests.guests import TICK, add_tiny_guest, console_ticks, shared_tmp_dir, tiny_guest_spec
 from tests.libvirtd import LibvirtDaemon, option, running_libvirtd
+from tests.ticks import TickWatcher, check_continuity
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -385,3 +389,219 @@ def test_a_disk_guest_moves_cold_with_its_disk_overlay(
 
 def _looks_like_tar(data: bytes) -> bool:
     return data[257:262] == b"ustar"
+
+
+# --- what each guest gets of its donor -----------------------------------------------------
+
+
+def _interface_network(donor: Donor, guest: str) -> str:
+    conn = libvirt.open(donor.daemon.uri)
+    try:
+        xml = conn.lookupByName(Hypervisor.domain_name(guest)).XMLDesc(0)
+    finally:
+        conn.close()
+    source = ET.fromstring(xml).find("devices/interface/source")
+    assert source is not None, "the guest has no network interface"
+    return str(source.get("network"))
+
+
+def _network(donor: Donor, name: str) -> tuple[str, ET.Element] | None:
+    """The network's bridge and definition, None if libvirt has no such network."""
+    conn = libvirt.open(donor.daemon.uri)
+    try:
+        try:
+            network = conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            return None
+        return str(network.bridgeName()), ET.fromstring(network.XMLDesc(0))
+    finally:
+        conn.close()
+
+
+def _addresses(bridge: str) -> list[dict[str, object]]:
+    shown = subprocess.run(
+        ["ip", "-json", "address", "show", "dev", bridge],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [address for link in json.loads(shown) for address in link.get("addr_info", [])]
+
+
+def test_each_networked_guest_gets_an_isolated_network_of_its_own(
+    donors: tuple[Donor, Donor],
+) -> None:
+    a, _ = donors
+    specs = [replace(tiny_guest_spec(f"n{next(_names)}", a.images), network=True) for _ in "ab"]
+    for spec in specs:
+        a.hv.create(spec)
+    names = [_interface_network(a, spec.name) for spec in specs]
+    assert len(set(names)) == 2, f"the guests share a network: {names}"
+    bridges = []
+    for name in names:
+        found = _network(a, name)
+        assert found is not None, name
+        bridge, definition = found
+        bridges.append(bridge)
+        assert 0 < len(bridge) <= 15  # IFNAMSIZ
+        assert definition.find("forward") is None  # routed or NATed nowhere
+        assert definition.find("ip") is None  # the host has no address there...
+        assert _addresses(bridge) == [], bridge  # ...not even an IPv6 link-local one
+    assert len(set(bridges)) == 2, f"the guests share a bridge: {bridges}"
+
+    a.hv.undefine(specs[0].name)
+    assert _network(a, names[0]) is None
+    assert not Path("/sys/class/net", bridges[0]).exists()
+    assert _network(a, names[1]) is not None  # the other guest keeps its own
+    a.hv.destroy(specs[1].name)
+    a.hv.undefine(specs[1].name)
+    assert _network(a, names[1]) is None
+    assert not Path("/sys/class/net", bridges[1]).exists()
+
+
+def _mac(donor: Donor, guest: str) -> str:
+    conn = libvirt.open(donor.daemon.uri)
+    try:
+        xml = conn.lookupByName(Hypervisor.domain_name(guest)).XMLDesc(0)
+    finally:
+        conn.close()
+    mac = ET.fromstring(xml).find("devices/interface/mac")
+    assert mac is not None
+    return str(mac.get("address"))
+
+
+def test_a_networked_guest_finds_its_own_network_wherever_it_moves(
+    donors: tuple[Donor, Donor], workdir: Path
+) -> None:
+    a, b = donors
+    spec = replace(tiny_guest_spec(f"n{next(_names)}", a.images), network=True)
+    a.hv.create(spec)
+    _wait_ticking(a, spec.name, beyond=2)
+    network = _interface_network(a, spec.name)
+    mac = _mac(a, spec.name)
+    # Live: the target made the guest's network when it got ready; the source dropped its.
+    a.hv.migrate_live(spec.name, b.target_for(spec), MigrationOptions())
+    _assert_runs_on(b, spec.name)
+    assert _network(b, network) is not None
+    assert _network(a, network) is None
+    # Cold, back: the restored guest keeps its network card's address, on a network of
+    # its own again.
+    image = workdir / "saves" / f"{spec.name}.save"
+    b.hv.save(spec.name, image)
+    b.hv.undefine(spec.name)
+    assert _network(b, network) is None
+    a.hv.restore_elsewhere(spec, image)
+    assert a.hv.state(spec.name) is GuestState.RUNNING
+    _wait_ticking(a, spec.name, beyond=0)
+    assert _interface_network(a, spec.name) == network
+    assert _network(a, network) is not None
+    assert _mac(a, spec.name) == mac
+
+
+# A guest that prints as fast as its serial port goes (about 400 KB/s under TCG here).
+SPEW = "console=ttyS0 quiet rdinit=/bin/busybox -- yes " + "0123456789abcdef" * 4
+
+
+def _console_files(console: Path) -> dict[str, int]:
+    return {
+        path.name: path.stat().st_size
+        for path in console.parent.glob(console.name + "*")
+        if path.is_file()
+    }
+
+
+def _largest_until(console: Path, done: Callable[[], bool], timeout: float) -> int:
+    """Watch the console file until `done()`; the largest size it had meanwhile."""
+    largest = 0
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{console}: not done after {timeout} s"
+        with suppress(FileNotFoundError):
+            largest = max(largest, console.stat().st_size)
+        time.sleep(0.005)
+    return largest
+
+
+def _spewing_guest(donor: Donor, hv: Hypervisor) -> tuple[str, Path]:
+    kernel, initrd = donor.images
+    spec = VmSpec(f"s{next(_names)}", 1, 256, KernelBoot(kernel, initrd, SPEW))
+    hv.create(spec)
+    return spec.name, hv.console_path(spec.name)
+
+
+def test_a_guest_that_prints_without_end_does_not_grow_its_console_past_the_cap(
+    donors: tuple[Donor, Donor],
+) -> None:
+    # Under libvirtd the console goes through virtlogd, which rolls the file over before it
+    # would pass its max_size (2 MiB, as the agent's own cap): the file never passes it.
+    a, _ = donors
+    guest, console = _spewing_guest(a, a.hv)
+    backup = console.with_name(console.name + ".0")
+    largest = _largest_until(
+        console, lambda: backup.exists() and console.stat().st_size > 64 * 1024, timeout=120
+    )
+    assert largest <= CONSOLE_MAX_BYTES
+    files = _console_files(console)
+    assert all(size <= CONSOLE_MAX_BYTES for size in files.values()), files
+    a.hv.undefine(guest)
+
+
+def _capped_hypervisor(donor: Donor, console_max_bytes: int) -> Hypervisor:
+    return Hypervisor.open(
+        donor.daemon.uri,
+        images=donor.hv.images,
+        state_dir=donor.home / f"state-{next(_names)}",
+        console_max_bytes=console_max_bytes,
+    )
+
+
+def test_the_agent_trims_a_console_that_passes_its_cap(donors: tuple[Donor, Donor]) -> None:
+    # Where nothing rolls the file over (an embedded driver writes it itself), the agent
+    # trims it: never more than the cap plus what the guest prints between two looks.
+    a, _ = donors
+    cap = 256 * 1024
+    hv = _capped_hypervisor(a, cap)
+    try:
+        guest, console = _spewing_guest(a, hv)
+        backup = console.with_name(console.name + ".0")
+        backups: set[int] = set()
+
+        def trimmed_twice() -> bool:
+            with suppress(FileNotFoundError):
+                backups.add(backup.stat().st_mtime_ns)
+            return len(backups) >= 2
+
+        largest = _largest_until(console, trimmed_twice, timeout=120)
+        assert largest < 2 * cap, f"the console reached {largest} bytes (cap {cap})"
+        files = _console_files(console)
+        assert set(files) <= {console.name, backup.name}, files
+        hv.undefine(guest)
+    finally:
+        hv.close()
+
+
+def test_ticks_are_read_on_across_a_trimmed_console(donors: tuple[Donor, Donor]) -> None:
+    a, _ = donors
+    hv = _capped_hypervisor(a, 4096)
+    try:
+        kernel, initrd = a.images
+        cmdline = "console=ttyS0 quiet donor.mode=sleep donor.interval_ms=5"
+        spec = VmSpec(f"t{next(_names)}", 1, 256, KernelBoot(kernel, initrd, cmdline))
+        console = hv.console_path(spec.name)
+        backup = console.with_name(console.name + ".0")
+        with TickWatcher({"here": console}) as watcher:
+            hv.create(spec)
+            wait_for(backup.exists, 60, "the console to be trimmed once")
+            trimmed_at = watcher.last()
+            assert trimmed_at is not None
+            wait_for(
+                lambda: (last := watcher.last()) is not None and last.value > trimmed_at.value + 50,
+                60,
+                "ticks after the trim",
+            )
+        ticks = watcher.ticks()
+        check_continuity(ticks)
+        assert len(ticks) > 100
+        hv.undefine(spec.name)
+    finally:
+        hv.close()

@@ -9,6 +9,9 @@ guest), so its blob is an uncompressed tar of exactly two regular files: `state`
 
 A bundle comes from another donor, through the coordinator: reading one accepts
 nothing but those two members (no links, no paths, no duplicates, nothing else).
+
+Both members hold the guest's own data (its memory, its disk writes): the bundle and
+what it unpacks to are 0600, in a 0700 directory, whatever the umask.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import shutil
 import tarfile
 from pathlib import Path
+
+from donor_app.private_files import open_private, private_dir
 
 STATE_MEMBER = "state"
 OVERLAY_MEMBER = "disk.qcow2"
@@ -27,7 +32,10 @@ class BundleError(Exception):
 
 def write_bundle(state: Path, overlay: Path, out: Path) -> None:
     """Write `state` and `overlay` into the bundle `out` (replaced if it exists)."""
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        open_private(out) as stream,
+        tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         tar.add(state, arcname=STATE_MEMBER, recursive=False)
         tar.add(overlay, arcname=OVERLAY_MEMBER, recursive=False)
 
@@ -39,7 +47,7 @@ def is_bundle(path: Path) -> bool:
 def read_bundle(path: Path, into: Path) -> tuple[Path, Path]:
     """Extract the bundle at `path` into the directory `into` (made if need be):
     (state, overlay). Raises BundleError naming what is wrong."""
-    into.mkdir(parents=True, exist_ok=True)
+    private_dir(into)
     wanted = {STATE_MEMBER: into / STATE_MEMBER, OVERLAY_MEMBER: into / OVERLAY_MEMBER}
     written: set[str] = set()
     try:
@@ -53,7 +61,7 @@ def read_bundle(path: Path, into: Path) -> tuple[Path, Path]:
                     )
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file
-                with source, target.open("wb") as out:
+                with source, open_private(target) as out:
                     shutil.copyfileobj(source, out, 1 << 20)
                 written.add(member.name)
     except tarfile.TarError as exc:

@@ -42,6 +42,7 @@ from donor_app.hypervisor.errors import HypervisorError, ImageError
 from donor_app.hypervisor.host import Hypervisor
 from donor_app.hypervisor.migration import MigrationOptions, MigrationTarget
 from donor_app.hypervisor.xml import BootFiles
+from donor_app.private_files import open_private, private_dir
 from donor_app.settings.config import MigrationEndpoint
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class FleetWorkloads:
         self._last_reports: dict[str, link.GuestReport] = {}
         # The donor each incoming guest comes from, for the journal when it arrives.
         self._sources: dict[str, str] = {}
+        self._forget_downloads()
 
     # --- state file ------------------------------------------------------------------------
 
@@ -125,6 +127,21 @@ class FleetWorkloads:
     def _save(self) -> None:
         self._file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self._file, json.dumps(self._held).encode())
+
+    def _forget_downloads(self) -> None:
+        """Remove checkpoints a restore was downloading or unpacking when the agent
+        stopped: they hold a guest's memory (an older version left them readable by
+        others) and are of no use (a restore downloads afresh)."""
+        directory = self._hv.state_dir / "incoming"
+        if not directory.is_dir():
+            return
+        private_dir(directory)
+        for leftover in directory.iterdir():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            log.info("removed %s, left by a restore that did not finish", leftover)
 
     # --- what we hold ------------------------------------------------------------------------
 
@@ -266,15 +283,15 @@ class FleetWorkloads:
         checkpoints: CheckpointTransport,
     ) -> None:
         """Download the checkpoint (verified against its sha256 as it arrives) and bring
-        the guest back from it."""
-        directory = self._hv.state_dir / "incoming"
-        directory.mkdir(parents=True, exist_ok=True)
+        the guest back from it. The download is the guest's memory: 0600 in a 0700
+        directory (libvirt reads a save file itself and hands QEMU its content)."""
+        directory = private_dir(self._hv.state_dir / "incoming")
         path = directory / f"{spec.name}.save"
         unpacked = directory / f"{spec.name}.unpacked"
         digest = hashlib.sha256()
         size = 0
         try:
-            with path.open("wb") as out:
+            with open_private(path) as out:
                 for block in checkpoints.pull(
                     command.workload_id, command.epoch, checkpoint.sha256
                 ):
@@ -312,9 +329,7 @@ class FleetWorkloads:
         cache = self._hv.images
         if cache.has(sha256):
             return
-        directory = cache.root / "incoming"
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{sha256[:12]}-", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=f"{sha256[:12]}-", dir=cache.incoming_dir())
         tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:

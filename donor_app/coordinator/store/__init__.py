@@ -17,6 +17,7 @@ from donor_app.coordinator.store.ports import (
     TokenRefused,
 )
 from donor_app.coordinator.store.sql import SqlStore
+from donor_app.private_files import PRIVATE_FILE, create_private, narrow, private_dir
 
 __all__ = [
     "AlreadyExists",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 SQLITE_FILE_NAME = "coordinator.db"
+# Files SQLite keeps beside the database: they hold the same data.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def default_sqlite_url(data_dir: Path) -> str:
@@ -40,16 +43,30 @@ def default_sqlite_url(data_dir: Path) -> str:
 
 def open_store(url: str) -> SqlStore:
     """Open the store at `url` (`sqlite:///PATH` or `postgresql+psycopg://...`), bringing
-    its schema up to date first. A SQLite file's directory is created (mode 0700: the
-    store holds token hashes and the fleet's state). ValueError for an unsupported URL,
-    StoreError when the database cannot be reached or migrated."""
+    its schema up to date first. ValueError for an unsupported URL, StoreError when the
+    database cannot be reached or migrated.
+
+    The store holds token hashes and the fleet's state, so a SQLite file is 0600 (and
+    its directory 0700 when this makes it). SQLite gives the -wal and -shm files it
+    creates the database file's mode, so the file is made before SQLite opens it; files
+    left wider by an older version are narrowed (and logged)."""
     engine = make_engine(url)
     try:
         path = sqlite_path(url)
         if path is not None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_sqlite_files(path)
         upgrade(engine)
     except BaseException:
         engine.dispose()
         raise
     return SqlStore(engine)
+
+
+def _private_sqlite_files(path: Path) -> None:
+    if not path.parent.exists():
+        private_dir(path.parent)
+    create_private(path)  # an empty file is an empty database to SQLite
+    for suffix in SQLITE_SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            narrow(side, PRIVATE_FILE)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -72,3 +74,33 @@ def test_a_truncated_bundle_is_refused(tmp_path: Path) -> None:
     bundle.write_bytes(bundle.read_bytes()[:5000])
     with pytest.raises(BundleError, match="checkpoint.bundle"):
         read_bundle(bundle, tmp_path / "out")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask-022", "umask-000"])
+def test_a_bundle_and_what_it_unpacks_are_private(tmp_path: Path, umask: int) -> None:
+    """Both hold a guest's memory (the state) and its disk writes (the overlay)."""
+    state, overlay = _files(tmp_path)
+    bundle = tmp_path / "checkpoint.bundle"
+    old = os.umask(umask)
+    try:
+        write_bundle(state, overlay, bundle)
+        got_state, got_overlay = read_bundle(bundle, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert _mode(bundle) == 0o600
+    assert (_mode(got_state), _mode(got_overlay)) == (0o600, 0o600)
+    assert _mode(tmp_path / "out") == 0o700
+
+
+def test_a_bundle_replacing_an_older_wider_one_is_private(tmp_path: Path) -> None:
+    state, overlay = _files(tmp_path)
+    bundle = tmp_path / "checkpoint.bundle"
+    bundle.write_bytes(b"left by an older version")
+    bundle.chmod(0o644)
+    write_bundle(state, overlay, bundle)
+    assert _mode(bundle) == 0o600
+    assert read_bundle(bundle, tmp_path / "out")[0].read_bytes() == state.read_bytes()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -91,3 +91,115 @@ def test_a_spec_is_validated_by_the_domain() -> None:
     spec = pb.WorkloadSpec(name="ok", vcpus=1, memory_mib=256)
     with pytest.raises(serde.WireError, match=r"^spec\.boot:"):
         serde.spec_from_proto(spec)
+
+
+# --- timestamps off the wire ------------------------------------------------------------------
+
+# Outside what a Timestamp may hold (0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z):
+# (seconds, nanos).
+BAD_STAMPS = [
+    (253_402_300_800, 0),  # 10000-01-01
+    (-62_135_596_801, 0),  # a second before year 1
+    (2**63 - 1, 0),
+    (-(2**63), 0),
+    (0, -1),
+    (0, 1_000_000_000),
+    (0, 2**31 - 1),
+]
+EDGE_STAMPS = [(-62_135_596_800, 0), (253_402_300_799, 999_999_999), (0, 0)]
+
+
+def _with_lend_until(event: pb.DonorEvent, kind: str, seconds: int, nanos: int) -> pb.DonorEvent:
+    getattr(event, kind).capacity.lend_until.seconds = seconds
+    getattr(event, kind).capacity.lend_until.nanos = nanos
+    return event
+
+
+def _report(**capacity: object) -> pb.DonorEvent:
+    event = pb.DonorEvent(seq=2)
+    values = {"cores": 4, "memory_mib": 8192, "arch": "x86_64"} | capacity
+    event.report.capacity.CopyFrom(pb.Capacity(**values))  # type: ignore[arg-type]
+    return event
+
+
+def _result_with_checkpoint(seconds: int, nanos: int) -> pb.DonorEvent:
+    event = pb.DonorEvent(seq=3)
+    event.result.command_seq = 4
+    event.result.ok = True
+    event.result.checkpoint.sha256 = SHA
+    event.result.checkpoint.size = 10
+    event.result.checkpoint.taken_at.seconds = seconds
+    event.result.checkpoint.taken_at.nanos = nanos
+    return event
+
+
+def _donor_events(seconds: int, nanos: int) -> list[tuple[pb.DonorEvent, str]]:
+    """Every Timestamp a donor sends, set to (seconds, nanos), and its field path."""
+    return [
+        (_with_lend_until(_hello(), "hello", seconds, nanos), "hello.capacity.lend_until"),
+        (_with_lend_until(_report(), "report", seconds, nanos), "report.capacity.lend_until"),
+        (_result_with_checkpoint(seconds, nanos), "result.checkpoint.taken_at"),
+    ]
+
+
+def _commands(seconds: int, nanos: int) -> list[tuple[pb.Command, str]]:
+    """Every Timestamp the coordinator sends, set to (seconds, nanos), and its field path."""
+    ack = pb.Command(seq=1)
+    ack.ack.event_seq = 1
+    ack.ack.lease_until.seconds = seconds
+    ack.ack.lease_until.nanos = nanos
+    run = serde.command_to_proto(
+        link.Command(
+            2,
+            link.RunWorkload(
+                "w-1",
+                2,
+                VmSpec("job", 1, 256, KernelBoot(SHA, None, "console=ttyS0")),
+                0,
+                link.CheckpointInfo(SHA, 10, 2, datetime(2026, 1, 1, tzinfo=UTC), "d-1"),
+            ),
+        )
+    )
+    run.run.checkpoint.taken_at.seconds = seconds
+    run.run.checkpoint.taken_at.nanos = nanos
+    return [(ack, "ack.lease_until"), (run, "run.checkpoint.taken_at")]
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), BAD_STAMPS)
+def test_a_donor_timestamp_out_of_range_names_the_field(seconds: int, nanos: int) -> None:
+    for event, field in _donor_events(seconds, nanos):
+        with pytest.raises(serde.WireError) as caught:
+            serde.event_from_proto(event)
+        assert str(caught.value).startswith(f"{field}: "), field
+        assert "is outside" in str(caught.value)  # and what is allowed
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), BAD_STAMPS)
+def test_a_coordinator_timestamp_out_of_range_names_the_field(seconds: int, nanos: int) -> None:
+    for command, field in _commands(seconds, nanos):
+        with pytest.raises(serde.WireError) as caught:
+            serde.command_from_proto(command)
+        assert str(caught.value).startswith(f"{field}: "), field
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), EDGE_STAMPS)
+def test_timestamps_at_the_ends_of_the_range_are_read(seconds: int, nanos: int) -> None:
+    expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+        seconds=seconds, microseconds=nanos // 1000
+    )
+    for event, field in _donor_events(seconds, nanos):
+        message = serde.event_from_proto(event).message
+        if isinstance(message, link.CommandResult):
+            assert message.checkpoint is not None
+            assert message.checkpoint.taken_at == expected, field
+        else:
+            assert isinstance(message, link.Hello | link.Report)
+            assert message.capacity.lend_until == expected, field
+    for command, field in _commands(seconds, nanos):
+        read = serde.command_from_proto(command).message
+        if isinstance(read, link.Ack):
+            assert read.lease_until == expected, field
+        else:
+            assert isinstance(read, link.RunWorkload)
+            assert read.checkpoint is not None
+            assert read.checkpoint.taken_at == expected, field

@@ -18,6 +18,7 @@ from donor_app.hypervisor.xml import (
     build_domain_xml,
     build_isolated_network_xml,
     domain_virt_type,
+    network_name,
 )
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -59,7 +60,7 @@ def test_domain_xml_matches_golden_file(
 
 
 def test_isolated_network_matches_golden_file():
-    _check_golden("isolated_network.xml", build_isolated_network_xml())
+    _check_golden("isolated_network.xml", build_isolated_network_xml("worker-7"))
 
 
 def _devices(spec: VmSpec, files: BootFiles) -> ET.Element:
@@ -84,13 +85,19 @@ def test_no_network_device_unless_the_spec_asks():
     assert _devices(KERNEL_SPEC, KERNEL_FILES).find("interface") is None
     interface = _devices(DISK_SPEC, DISK_FILES).find("interface")
     assert interface is not None
-    assert interface.find("source").get("network") == "donor-isolated"  # type: ignore[union-attr]
+    assert interface.find("source").get("network") == network_name("worker-7")  # type: ignore[union-attr]
 
 
-def test_the_isolated_network_neither_forwards_nor_gives_the_host_an_address():
-    network = ET.fromstring(build_isolated_network_xml())
-    assert network.find("forward") is None
-    assert network.find("ip") is None
+def test_each_guest_has_a_network_of_its_own_that_neither_forwards_nor_gives_the_host_an_address():
+    one, other = (ET.fromstring(build_isolated_network_xml(guest)) for guest in ("a", "b"))
+    assert one.findtext("name") != other.findtext("name")
+    assert one.findtext("name") == network_name("a")
+    for network in (one, other):
+        assert network.find("forward") is None
+        assert network.find("ip") is None
+        # libvirt picks the first free dnrN: a bridge of its own, within IFNAMSIZ.
+        bridge = network.find("bridge")
+        assert bridge is not None and bridge.get("name") == "dnr%d"
 
 
 @pytest.mark.parametrize("virt_type", ["kvm", "qemu", "test"])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +26,53 @@ def _file(tmp_path: Path, content: bytes) -> Path:
     return path
 
 
-def test_add_stores_by_sha256_readable_by_others(cache: ImageCache, tmp_path: Path):
+@pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_add_stores_by_sha256_readable_by_the_agent_only(tmp_path: Path, umask: int):
+    """0600 files; the directories let others through (QEMU, another user under
+    qemu:///system, opens a boot file by its path once libvirt has made it QEMU's) but
+    not list them."""
+    cache = ImageCache(tmp_path / "cache")
     sha = cache.add_file(_file(tmp_path, b"kernel bytes"))
     assert sha == hashlib.sha256(b"kernel bytes").hexdigest()
     stored = cache.path(sha)
     assert stored.read_bytes() == b"kernel bytes"
-    assert stored.stat().st_mode & 0o777 == 0o644
     assert cache.has(sha)
+    assert _mode(stored) == 0o600
+    assert (_mode(cache.root), _mode(stored.parent)) == (0o711, 0o711)
+
+
+def test_an_older_cache_is_narrowed_at_start_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    root = tmp_path / "cache"
+    (root / "sha256").mkdir(parents=True)
+    (root / "incoming").mkdir()
+    stored = root / "sha256" / hashlib.sha256(b"disk").hexdigest()
+    stored.write_bytes(b"disk")
+    for path in (root, root / "sha256", root / "incoming"):
+        path.chmod(0o755)
+    stored.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        ImageCache(root)
+    assert (_mode(root), _mode(root / "sha256"), _mode(root / "incoming")) == (
+        0o711,
+        0o711,
+        0o700,
+    )
+    assert _mode(stored) == 0o600
+    assert "narrowed" in caplog.text
 
 
 def test_an_expected_hash_that_does_not_match_is_refused(cache: ImageCache, tmp_path: Path):

@@ -132,3 +132,50 @@ def test_save_creates_the_config_directory(tmp_path: Path) -> None:
     store = SettingsStore(paths.settings_file, paths.fleet_file)
     store.save(Settings(enabled=False))
     assert paths.settings_file.exists()
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b"idle_after = " + b"[" * 5000 + b"]" * 5000,  # nested deeper than the reader goes
+        b"idle_after = " + b"9" * 5000,  # more digits than Python converts
+        b"idle_after = " + b"9" * 400,  # more than any float
+        b"max_temperature_c = -" + b"9" * 400,
+        b"snooze_until = 9999-12-31T23:59:59-05:00",  # past year 9999 in UTC
+        b"\xff\xfe\x00\x01",
+    ],
+)
+def test_a_hostile_file_keeps_the_last_good_settings(
+    store: SettingsStore, settings_file: Path, hostile: bytes
+) -> None:
+    settings_file.write_text("idle_after = 60\n")
+    store.reload()
+    settings_file.write_bytes(hostile)
+    assert not store.reload()
+    assert store.settings.idle_after == timedelta(seconds=60)
+    (error,) = store.errors
+    assert error.file == settings_file
+
+
+def test_a_reader_that_fails_otherwise_counts_as_an_invalid_file(
+    store: SettingsStore,
+    settings_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings_file.write_text("idle_after = 60\n")
+    store.reload()
+
+    def broken(file: Path) -> Settings:
+        raise RuntimeError("a reader bug")
+
+    monkeypatch.setattr(store._settings, "_load", broken)
+    with caplog.at_level(logging.WARNING):
+        assert not store.reload()
+        assert not store.reload()
+    assert store.settings.idle_after == timedelta(seconds=60)
+    (error,) = store.errors
+    assert (error.file, error.key) == (settings_file, "")
+    assert "RuntimeError: a reader bug" in error.reason
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.exc_info is not None  # where the bug is, logged once
