@@ -20,6 +20,7 @@ import grpc
 from donor_app.agent.credentials import new_key_and_csr
 from donor_app.coordinator.admin_rpc import AdminCredential
 from donor_app.coordinator.admin_rpc import AdminRpc as AdminClient
+from donor_app.coordinator.connection_limits import ConnectionLimits
 from donor_app.coordinator.fleet import FleetConfig
 from donor_app.coordinator.server import CoordinatorServer, Endpoints, ServeOptions
 from donor_app.domain import link
@@ -65,9 +66,11 @@ def running_coordinator(
     fleet: FleetConfig | None = None,
     listen: str = "127.0.0.1:0",
     enroll_listen: str = "127.0.0.1:0",
+    limits: ConnectionLimits | None = None,
 ) -> Iterator[RunningCoordinator]:
     """`fleet` overrides lease_ttl/report_interval; fixed `listen` ports let a test
-    restart the coordinator where donors expect it."""
+    restart the coordinator where donors expect it; `limits`: shorter connection
+    deadlines than the shipped ones."""
     options = ServeOptions(
         data_dir=data_dir,
         listen=listen,
@@ -76,6 +79,7 @@ def running_coordinator(
         store_url=store_url,
         hostnames=("localhost", "127.0.0.1"),
         fleet=fleet or FleetConfig(lease_ttl=lease_ttl, report_interval=report_interval),
+        limits=limits or ConnectionLimits(),
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="coordinator-loop", daemon=True)

@@ -1,11 +1,16 @@
-"""The coordinator process: TLS material, store, fleet, gRPC server, health, metrics.
+"""The coordinator process: TLS material, store, fleet, gRPC servers, health, metrics.
 
-One grpc.aio server (thousands of open donor streams cost a coroutine each, not a
-thread) listening on two ports with different credentials: the main port demands a
-client certificate from our CA (donors and the admin), the enrollment port only
-authenticates the server so a new donor can call Enroll. On start the actual ports are
-written to `endpoints.json` in the data dir so the admin CLI and tests find them (port
-0 picks a free port).
+grpc.aio servers (thousands of open donor streams cost a coroutine each, not a thread)
+on two ports with different credentials: the main port demands a client certificate
+from our CA (donors and the admin), the enrollment port only authenticates the server
+so a new donor can call Enroll. The enrollment port is public by design, so it is a
+small TCP front (`tcp_front.py`: connections per peer and in all, a deadline for
+silence) before a gRPC server of its own on loopback, with shorter idle and age limits
+than the main port's. How many connections each port may hold comes from the process's
+descriptor limit, raised to its hard limit at start (`connection_limits.py`); what a
+burst of connections leaves on the heap is given back (`memory_trim.py`). On start
+the actual ports are written to `endpoints.json` in the data dir so the admin CLI and
+tests find them (port 0 picks a free port).
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from donor_app.atomic_file import write_atomic
+from donor_app.coordinator.connection_limits import (
+    ConnectionLimits,
+    budget,
+    enroll_port_options,
+    main_port_options,
+    raise_fd_limit,
+)
 from donor_app.coordinator.fleet import Fleet, FleetConfig, utc_now
 from donor_app.coordinator.gc_policy import freeze_periodically
 from donor_app.coordinator.images import CHUNK_BYTES, ImageStore
+from donor_app.coordinator.memory_trim import trim_after_growth
 from donor_app.coordinator.metrics import Metrics
 from donor_app.coordinator.servicers import AdminServicer, CoordinatorServicer
 from donor_app.coordinator.store import default_sqlite_url, open_store
 from donor_app.coordinator.store.ports import Store
+from donor_app.coordinator.tcp_front import TcpFront
 from donor_app.coordinator.tls_files import CoordinatorTls, prepare_tls
+from donor_app.private_files import private_dir
 from donor_app.proto.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -40,6 +55,8 @@ ENDPOINTS_FILE = "endpoints.json"
 # Image chunks are 1 MiB; anything much larger than one chunk is refused by gRPC itself.
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 SERVICE_NAMES = ("donor.v1.Coordinator", "donor.v1.Admin")
+# Where the enrollment front reaches its gRPC server: this host only.
+ENROLL_BACKEND = "127.0.0.1:0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +69,7 @@ class ServeOptions:
     hostnames: tuple[str, ...] = ("localhost",)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     cert_validity: timedelta = timedelta(days=365)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +135,20 @@ class CoordinatorServer:
         self.tls: CoordinatorTls | None = None
         self.metrics = Metrics()
         self._server: aio.Server | None = None
+        self._enroll_server: aio.Server | None = None
+        self.front: TcpFront | None = None
         self._health = HealthServicer()
         self.endpoints: Endpoints | None = None
         self._gc_task: asyncio.Task[None] | None = None
+        self._trim_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Endpoints:
         options = self.options
         for listen in (options.listen, options.enroll_listen):
             _split(listen)  # a bad address fails before anything is created
         data_dir = options.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Private: it holds the fleet's database, its CA and the guests' checkpoints.
+        private_dir(data_dir)
         tls_dir = data_dir / "tls"
         self.tls = tls = await asyncio.to_thread(
             prepare_tls, tls_dir, list(options.hostnames), utc_now()
@@ -141,21 +163,30 @@ class CoordinatorServer:
             lambda: {state.value: n for state, n in fleet.workload_counts().items()},
         )
 
+        plan = budget(options.limits, raise_fd_limit())
+        messages = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         server = aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *messages,
                 # Find dead donors' connections (laptops closed mid-stream) in minutes.
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *main_port_options(options.limits, plan),
             ]
         )
-        pb_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(fleet, tls.ca, self.metrics, options.cert_validity), server
-        )
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(fleet, self.metrics), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        enroll_server = aio.server(options=[*messages, *enroll_port_options(options.limits, plan)])
+        # Both servers answer the same services: on the enrollment port nobody has a
+        # client certificate, so everything but Enroll and the health check is refused.
+        coordinator = CoordinatorServicer(fleet, tls.ca, self.metrics, options.cert_validity)
+        admin = AdminServicer(fleet, self.metrics)
+        for each in (server, enroll_server):
+            pb_grpc.add_CoordinatorServicer_to_server(coordinator, each)
+            pb_grpc.add_AdminServicer_to_server(admin, each)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, each)
         key_pair = [(tls.server_key_pem, tls.server_cert_pem)]
         main_port = server.add_secure_port(
             options.listen,
@@ -163,12 +194,30 @@ class CoordinatorServer:
                 key_pair, root_certificates=tls.ca_pem, require_client_auth=True
             ),
         )
-        enroll_port = server.add_secure_port(
-            options.enroll_listen, grpc.ssl_server_credentials(key_pair)
+        backend_port = enroll_server.add_secure_port(
+            ENROLL_BACKEND, grpc.ssl_server_credentials(key_pair)
         )
+        self.front = front = TcpFront(
+            (_split(ENROLL_BACKEND)[0], backend_port),
+            per_peer=plan.enroll_per_peer,
+            total=plan.enroll_connections,
+            silent_timeout_s=options.limits.silent_timeout_s,
+        )
+        enroll_port = await front.start(*_split(options.enroll_listen))
         await server.start()
+        await enroll_server.start()
         self._server = server
+        self._enroll_server = enroll_server
+        log.info(
+            "connections: main port up to %d, enrollment port up to %d (%d per peer)"
+            " under a descriptor limit of %d",
+            plan.main_connections,
+            plan.enroll_connections,
+            plan.enroll_per_peer,
+            plan.fd_limit,
+        )
         self._gc_task = asyncio.create_task(freeze_periodically())
+        self._trim_task = asyncio.create_task(trim_after_growth())
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics_port = None
@@ -198,10 +247,15 @@ class CoordinatorServer:
             self._gc_task.cancel()
             await asyncio.gather(self._gc_task, return_exceptions=True)
             gc.unfreeze()  # what was frozen can be collected again
+        if self._trim_task is not None:
+            self._trim_task.cancel()
+            await asyncio.gather(self._trim_task, return_exceptions=True)
+        if self.front is not None:
+            await self.front.close()
         if self.fleet is not None:
             await self.fleet.stop()
-        if self._server is not None:
-            await self._server.stop(grace_s)
+        servers = [s for s in (self._server, self._enroll_server) if s is not None]
+        await asyncio.gather(*(s.stop(grace_s) for s in servers))
         self.metrics.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)

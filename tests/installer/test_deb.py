@@ -124,6 +124,9 @@ def test_silent_install_enroll_upgrade_remove_purge(
     }  # fmt: skip
     wants = root.host("/etc/systemd/system/multi-user.target.wants/donor-agent.service")
     assert wants.is_symlink()
+    # The coordinator's unit is shipped for the one host that runs it, enabled by hand.
+    assert root.host("/lib/systemd/system/donor-coordinator.service").is_file()
+    assert not wants.with_name("donor-coordinator.service").exists()
 
     # --- the agent, started as the unit would, enrolls --------------------------------
     log = tmp_path / "agent.log"
