@@ -1,4 +1,5 @@
-"""The agent's local API: gRPC over a Unix socket, for the tray and for root.
+"""The agent's local API: gRPC over a Unix socket, for the tray and for root. (About 500
+lines: one servicer, each RPC a few lines of checks, and the server that runs it.)
 
 Who may call: the socket is created with mode 0600 (umask held while it is bound, so
 there is no moment when it is open to others) and, for a system agent, handed to the

@@ -15,6 +15,10 @@ Moves (see donor_app/coordinator/fleet/move.py): as a target this donor prepares
 paths) and holds the workload at the move's epoch while the guest arrives, reporting it
 "stopped" until it has fully arrived; as a source it live-migrates to the prepared
 target, or saves the guest and uploads the checkpoint.
+
+About 500 lines, one class: one method per coordinator command, all sharing the held
+workloads' ledger and its lock; what is not about that ledger (the bundle format, the
+moves journal, the hypervisor's files) lives in the modules beside it.
 """
 
 from __future__ import annotations
